@@ -1,0 +1,341 @@
+"""The variational EM agent (paper Algorithm 1) as a LightningModule.
+
+Each Lightning "batch" is one environment step followed by ``updates_per_step``
+EM updates:
+
+    E-step   act: a ~ π(a|s,O) from the inference engine (Algorithm 1 lines 6-8)
+    M-step   value: soft TD regression of Q̂ (Eq. 9-10)
+             engine: maximise J̃ (Eq. 16) w.r.t. the inference network
+             α: keep KL(π‖p) at its target
+
+The budget is counted in environment steps (``env_steps``), never in
+``trainer.global_step``, which counts optimizer steps.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from functools import partial
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from mbvi.callbacks import EnvStepCheckpoint, EnvStepProgress
+from mbvi.objectives import Objective, alpha_loss, soft_td_target
+from mbvi.planners.base import InferenceEngine
+from mbvi.planners.direct import Direct
+from mbvi.priors import Prior, UniformPrior
+from mbvi.replay import ReplayBuffer
+from mbvi.errors import ConfigError, NonFiniteError
+from mbvi.rollout import EnvRunner, evaluate
+from mbvi.values import TwinQ, ValueEstimate
+
+
+class _Ticks(IterableDataset):
+    """An endless stream of placeholders: the agent makes its own data."""
+
+    def __iter__(self):
+        while True:
+            yield 0
+
+
+def component_params(name: str, module: torch.nn.Module) -> dict[str, object]:
+    """``{name: class name, name.arg: value}`` for a component's constructor arguments."""
+    import inspect
+
+    params: dict[str, object] = {name: type(module).__name__}
+    for arg in inspect.signature(type(module).__init__).parameters:
+        if arg != "self" and hasattr(module, arg):
+            params[f"{name}.{arg}"] = getattr(module, arg)
+    return params
+
+
+class VariationalAgent(L.LightningModule):
+    """Variational RL agent: choose a prior, an inference engine and a value estimate.
+
+    Args:
+        env_id: Gymnasium id of an env with Box actions and flat Box observations.
+        prior: action prior p_θ(a|s); default ``UniformPrior`` (SAC).
+        engine: inference engine for π(a|s,O); default ``Direct`` (SAC).
+        value: value estimate Q̂(s,a); default ``TwinQ`` (model-free).
+        seed: seeds torch, numpy, the envs and replay sampling.
+        total_env_steps: training budget in environment steps.
+        warmup_steps: env steps with uniformly random actions before updates start.
+        batch_size: transitions per update.
+        updates_per_step: EM updates per env step once warm-up is over.
+        gamma: discount factor γ.
+        value_lr: Adam learning rate of the value estimate.
+        engine_lr: Adam learning rate of the inference network.
+        alpha_lr: Adam learning rate of log α.
+        init_alpha: initial temperature α (> 0).
+        autotune_alpha: tune α so that KL(π‖p) tracks ``target_kl_per_dim`` · A.
+        target_kl_per_dim: KL target per action dimension; None takes the prior's
+            default (SAC's entropy target −A for the uniform prior).
+        buffer_size: replay capacity in transitions.
+        eval_every: env steps between deterministic (mean-action) evaluations.
+        eval_episodes: episodes per evaluation.
+        log_every: env steps between metric flushes to the logger.
+        checkpoint_every: env steps between checkpoints (a final one is always written).
+        checkpoint_dir: folder of checkpoints, one subfolder per MLflow run.
+        progress_refresh_s: seconds between progress-bar refreshes; 0 hides the bar.
+    """
+
+    def __init__(
+        self,
+        env_id: str = "Pendulum-v1",
+        prior: Prior | None = None,
+        engine: InferenceEngine | None = None,
+        value: ValueEstimate | None = None,
+        seed: int = 0,
+        total_env_steps: int = 10_000,
+        warmup_steps: int = 1_000,
+        batch_size: int = 256,
+        updates_per_step: int = 1,
+        gamma: float = 0.99,
+        value_lr: float = 3e-4,
+        engine_lr: float = 3e-4,
+        alpha_lr: float = 3e-4,
+        init_alpha: float = 1.0,
+        autotune_alpha: bool = True,
+        target_kl_per_dim: float | None = None,
+        buffer_size: int = 1_000_000,
+        eval_every: int = 2_000,
+        eval_episodes: int = 5,
+        log_every: int = 500,
+        checkpoint_every: int = 10_000,
+        checkpoint_dir: str = "checkpoints",
+        progress_refresh_s: float = 1.0,
+    ):
+        super().__init__()
+        if init_alpha <= 0:
+            raise ConfigError(f"init_alpha must be > 0, got {init_alpha}")
+        for name, v in [("total_env_steps", total_env_steps), ("batch_size", batch_size),
+                        ("eval_every", eval_every), ("log_every", log_every),
+                        ("checkpoint_every", checkpoint_every)]:
+            if v < 1:
+                raise ConfigError(f"{name} must be >= 1, got {v}")
+        self.save_hyperparameters(ignore=["prior", "engine", "value"])
+        self.automatic_optimization = False
+        L.seed_everything(seed, verbose=False)
+
+        self.runner = EnvRunner(env_id, seed)
+        self.eval_runner = EnvRunner(env_id, seed + 1)
+        obs_dim, act_dim = self.runner.obs_dim, self.runner.act_dim
+        self.prior = prior if prior is not None else UniformPrior()
+        self.engine = engine if engine is not None else Direct()
+        self.value = value if value is not None else TwinQ()
+        for part in (self.prior, self.engine, self.value):
+            part.build(obs_dim, act_dim)
+        self.log_alpha = torch.nn.Parameter(torch.tensor(math.log(init_alpha)))
+        kl_per_dim = (target_kl_per_dim if target_kl_per_dim is not None
+                      else self.prior.default_kl_target())
+        self.kl_target = kl_per_dim * act_dim
+
+        self.env_steps = 0
+        self.last_episode_return = float("nan")
+        self.buffer: ReplayBuffer | None = None
+        self._rng = np.random.default_rng(seed)
+        self._metric_sums: dict[str, torch.Tensor] = {}
+        self._metric_count = 0
+        self._pending_rng: dict | None = None
+        self._clock = (time.perf_counter(), 0)
+
+    # ---- Lightning plumbing -------------------------------------------------------
+    def configure_callbacks(self):
+        hp = self.hparams
+        callbacks = [EnvStepCheckpoint(hp.checkpoint_every, hp.checkpoint_dir)]
+        if hp.progress_refresh_s > 0:
+            callbacks.append(EnvStepProgress(hp.progress_refresh_s))
+        return callbacks
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return [
+            torch.optim.Adam(self.value.parameters(), lr=hp.value_lr, foreach=True),
+            torch.optim.Adam(self.engine.parameters(), lr=hp.engine_lr, foreach=True),
+            torch.optim.Adam([self.log_alpha], lr=hp.alpha_lr),
+        ]
+
+    def train_dataloader(self):
+        return DataLoader(_Ticks(), batch_size=None)
+
+    def setup(self, stage: str) -> None:
+        if self.buffer is None:
+            hp = self.hparams
+            capacity = min(hp.buffer_size, hp.total_env_steps)
+            self.buffer = ReplayBuffer(capacity, self.runner.obs_dim, self.runner.act_dim,
+                                       self.device, seed=hp.seed)
+
+    def on_fit_start(self) -> None:
+        if self._pending_rng is not None:
+            self._restore_rng(self._pending_rng)
+            self._pending_rng = None
+        if self.logger is not None:
+            # Lightning logs the agent's own hyperparameters (env_id, seed, ...).
+            params = {"kl_target": self.kl_target}
+            for name in ("prior", "engine", "value"):
+                params.update(component_params(name, getattr(self, name)))
+            self.logger.log_hyperparams(params)
+        self._clock = (time.perf_counter(), self.env_steps)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return self.log_alpha.detach().exp()
+
+    # ---- the EM loop ----------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        hp = self.hparams
+        self._act_and_store()
+        if self.env_steps > hp.warmup_steps and len(self.buffer) >= hp.batch_size:
+            for _ in range(hp.updates_per_step):
+                self._accumulate(self.update(*self.buffer.sample(hp.batch_size)))
+        if self.env_steps % hp.log_every == 0:
+            self._flush_metrics()
+        if self.env_steps % hp.eval_every == 0 or self.env_steps >= hp.total_env_steps:
+            self.run_evaluation()
+        if self.env_steps >= hp.total_env_steps:
+            self.trainer.should_stop = True
+
+    def _policy(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
+        s = torch.as_tensor(obs, dtype=torch.float32, device=self.device).unsqueeze(0)
+        with torch.set_grad_enabled(self.engine.needs_objective_gradients):
+            objective = Objective(s, partial(self.value, frozen=True), self.prior, self.alpha)
+            posterior = self.engine.infer(s, objective)
+            a = posterior.mean_action() if deterministic else posterior.rsample(1)[0][:, 0]
+        return a[0].detach().cpu().numpy()
+
+    def _act_and_store(self) -> None:
+        if self.env_steps < self.hparams.warmup_steps:
+            policy = lambda obs: self._rng.uniform(-1.0, 1.0, self.runner.act_dim)  # noqa: E731
+        else:
+            policy = self._policy
+        t = self.runner.step(policy, self.env_steps + 1)
+        self.buffer.add(t.obs, t.action, t.reward, t.next_obs, t.terminated)
+        self.env_steps += 1
+        if t.episode_return is not None:
+            self.last_episode_return = t.episode_return
+            self._log({"train/episode_return": t.episode_return})
+
+    def update(self, s, a, r, s2, term) -> dict[str, torch.Tensor]:
+        """One M-step on a replay batch ``s`` [B,S], ``a`` [B,A], ``r`` [B], ``s2``, ``term``.
+
+        Returns detached metric tensors (no host sync on the hot path).
+        """
+        hp = self.hparams
+        value_opt, engine_opt, alpha_opt = self.optimizers()
+        alpha = self.alpha
+
+        # Value: soft TD target with the posterior at s' (Eq. 9-10), target critics.
+        with torch.set_grad_enabled(self.engine.needs_objective_gradients):
+            next_objective = Objective(s2, self.value.target, self.prior, alpha)
+            next_posterior = self.engine.infer(s2, next_objective).detach()
+        with torch.no_grad():
+            next_v, _ = next_objective(next_posterior, 1)
+            y = soft_td_target(r, term, next_v, hp.gamma)
+        value_loss, value_metrics = self.value.loss(s, a, y)
+        value_opt.zero_grad(set_to_none=True)
+        self.manual_backward(value_loss)
+        value_opt.step()
+
+        # Engine: maximise J̃ (Eq. 16) against the value with its parameters frozen.
+        objective = Objective(s, partial(self.value, frozen=True), self.prior, alpha)
+        engine_loss, engine_metrics = self.engine.loss(s, objective)
+        engine_opt.zero_grad(set_to_none=True)
+        self.manual_backward(engine_loss)
+        engine_opt.step()
+
+        # Temperature.
+        kl = engine_metrics["kl"]
+        if hp.autotune_alpha:
+            a_loss = alpha_loss(self.log_alpha, kl, self.kl_target)
+            alpha_opt.zero_grad(set_to_none=True)
+            self.manual_backward(a_loss)
+            alpha_opt.step()
+
+        self.value.update_target()
+        return {
+            "loss/value": value_loss.detach(),
+            "loss/engine": engine_loss.detach(),
+            "train/alpha": alpha,
+            "train/kl": kl.mean(),
+            "train/q": value_metrics["q_mean"],
+        }
+
+    # ---- metrics --------------------------------------------------------------------
+    def _accumulate(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            self._metric_sums[k] = self._metric_sums[k] + v if k in self._metric_sums else v
+        self._metric_count += 1
+
+    def _flush_metrics(self) -> None:
+        now, steps = time.perf_counter(), self.env_steps
+        t0, s0 = self._clock
+        out = {"perf/env_steps_per_s": (steps - s0) / max(now - t0, 1e-9)}
+        self._clock = (now, steps)
+        if self._metric_count:
+            names = list(self._metric_sums)
+            means = (torch.stack([self._metric_sums[k] for k in names]) / self._metric_count).tolist()
+            for name, v in zip(names, means):
+                if not math.isfinite(v):
+                    raise NonFiniteError(
+                        f"{name} became NaN or Inf by env step {steps} (averaged over the "
+                        f"updates since the previous log at step {steps - self._metric_count // max(self.hparams.updates_per_step, 1)}); "
+                        "training stopped, the last good checkpoint is kept. Try a lower "
+                        "learning rate or check the rewards' scale."
+                    )
+            out.update(zip(names, means))
+            self._metric_sums, self._metric_count = {}, 0
+        self._log(out)
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if self.logger is not None:
+            self.logger.log_metrics(metrics, step=self.env_steps)
+
+    @torch.no_grad()
+    def run_evaluation(self) -> float:
+        """Mean return of ``eval_episodes`` mean-action episodes; logged as eval/return."""
+        returns = evaluate(self.eval_runner, partial(self._policy, deterministic=True),
+                           self.hparams.eval_episodes)
+        mean = float(np.mean(returns))
+        self._log({"eval/return": mean, "eval/return_std": float(np.std(returns))})
+        self.last_eval_return = mean
+        return mean
+
+    # ---- checkpoint state beyond the state_dict -------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mbvi"] = {
+            "env_id": self.hparams.env_id,
+            "obs_dim": self.runner.obs_dim,
+            "act_dim": self.runner.act_dim,
+            "env_steps": self.env_steps,
+            "last_episode_return": self.last_episode_return,
+            "buffer": self.buffer.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "agent": self._rng.bit_generator.state,
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["mbvi"]
+        self.env_steps = state["env_steps"]
+        self.last_episode_return = state["last_episode_return"]
+        self.buffer.load_state_dict(state["buffer"])
+        self._pending_rng = state["rng"]
+
+    def _restore_rng(self, rng: dict) -> None:
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self._rng.bit_generator.state = rng["agent"]
+        # Env internals are not checkpointed: the resumed run starts a fresh episode.
+        self.runner.restart(self.hparams.seed + self.env_steps)

@@ -1,0 +1,94 @@
+"""Callbacks the agent installs on its trainer: checkpoints and a progress bar, both
+counted in environment steps (not ``trainer.global_step``, which counts optimizer steps)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import MLFlowLogger
+from tqdm.auto import tqdm
+
+
+class EnvStepCheckpoint(L.Callback):
+    """Writes ``<dirpath>/<run>/last.ckpt`` every ``every`` env steps, at the end of
+    training and on Ctrl-C, and copies it to the MLflow run's ``checkpoints/`` artifacts.
+
+    Files are written to a temporary name and renamed, so the last good checkpoint stays
+    valid if a write is interrupted.  No checkpoint is written after a failure (a NaN
+    loss, say), so the one on disk predates it.
+    """
+
+    def __init__(self, every: int = 10_000, dirpath: str = "checkpoints"):
+        self.every, self.dirpath = every, dirpath
+        self._saved_at = -1
+        self.last_path: Path | None = None
+
+    def _run_dir(self, trainer: L.Trainer) -> Path:
+        logger = trainer.logger
+        name = getattr(logger, "run_id", None) or "offline"
+        return Path(trainer.default_root_dir, self.dirpath, name)
+
+    def save(self, trainer: L.Trainer, agent) -> Path:
+        folder = self._run_dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        path, tmp = folder / "last.ckpt", folder / "last.ckpt.tmp"
+        trainer.save_checkpoint(tmp)
+        os.replace(tmp, path)
+        self._saved_at, self.last_path = agent.env_steps, path
+        if isinstance(trainer.logger, MLFlowLogger):
+            trainer.logger.experiment.log_artifact(trainer.logger.run_id, str(path), "checkpoints")
+        return path
+
+    def on_train_batch_end(self, trainer, agent, outputs, batch, batch_idx) -> None:
+        if agent.env_steps % self.every == 0 and agent.env_steps != self._saved_at:
+            self.save(trainer, agent)
+
+    def on_train_end(self, trainer, agent) -> None:
+        if agent.env_steps != self._saved_at:
+            self.save(trainer, agent)
+
+    def on_exception(self, trainer, agent, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            path = self.save(trainer, agent)
+            print(f"\ninterrupted at env step {agent.env_steps}; checkpoint written to {path}")
+            if hasattr(trainer.logger, "mark_killed"):
+                trainer.logger.mark_killed()
+
+
+class EnvStepProgress(L.Callback):
+    """A tqdm bar over env steps: last episode return, steps/s and ETA.
+
+    It looks at the clock only every 64 steps and redraws at most every
+    ``refresh_s`` seconds, so it costs nothing measurable.
+    """
+
+    def __init__(self, refresh_s: float = 1.0):
+        self.refresh_s = refresh_s
+        self.bar: tqdm | None = None
+        self._last = 0.0
+
+    def on_train_start(self, trainer, agent) -> None:
+        total = agent.hparams.total_env_steps
+        self.bar = tqdm(total=total, initial=agent.env_steps, unit="step", dynamic_ncols=True,
+                        desc=agent.hparams.env_id, mininterval=self.refresh_s)
+        self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, agent, outputs, batch, batch_idx) -> None:
+        if batch_idx % 64 or self.bar is None:
+            return
+        now = time.perf_counter()
+        if now - self._last >= self.refresh_s:
+            self._last = now
+            self.bar.set_postfix(ret=f"{agent.last_episode_return:.1f}", refresh=False)
+            self.bar.update(agent.env_steps - self.bar.n)
+
+    def on_train_end(self, trainer, agent) -> None:
+        if self.bar is not None:
+            self.bar.update(agent.env_steps - self.bar.n)
+            self.bar.close()
+            self.bar = None
+
+    on_exception = on_train_end

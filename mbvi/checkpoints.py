@@ -1,0 +1,62 @@
+"""Checking a checkpoint before resuming from it, so a bad path fails before training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mbvi.errors import CheckpointError
+
+
+def validate_checkpoint(path: str | Path, agent) -> None:
+    """Raise ``CheckpointError`` unless ``path`` is an mbvi checkpoint ``agent`` can resume.
+
+    Checks that the file exists and loads, that it was written by an mbvi agent, that it
+    is for the same env and sizes, and that its networks match the configured ones.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not exist. Pass the path of a .ckpt file written by "
+            "a previous run (checkpoints/<run_id>/last.ckpt, or the run's MLflow artifacts)."
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}); it is corrupt or "
+            "truncated. Resume from an earlier checkpoint of the run."
+        ) from None
+    if not isinstance(ckpt, dict) or "mbvi" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was not written by an mbvi agent (no 'mbvi' state)."
+        )
+    saved = ckpt["mbvi"]
+    env_id = agent.hparams.env_id
+    if saved["env_id"] != env_id:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is from env {saved['env_id']!r} but this run is "
+            f"configured for {env_id!r}; pass --model.env_id {saved['env_id']} or another "
+            "checkpoint."
+        )
+    expected = agent.state_dict()
+    missing = sorted(set(expected) - set(ckpt["state_dict"]))
+    unexpected = sorted(set(ckpt["state_dict"]) - set(expected))
+    mismatched = [
+        f"{k} {tuple(ckpt['state_dict'][k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in ckpt["state_dict"] and ckpt["state_dict"][k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        detail = "; ".join(
+            part for part in [
+                f"missing {missing[:5]}" if missing else "",
+                f"unexpected {unexpected[:5]}" if unexpected else "",
+                f"shape mismatch {mismatched[:5]}" if mismatched else "",
+            ] if part
+        )
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match the configured agent ({detail}). "
+            "Resume with the config of the run that wrote it (its config.yaml artifact)."
+        )

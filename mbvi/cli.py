@@ -1,0 +1,80 @@
+"""``mbvi`` command line: ``mbvi fit --config configs/pendulum/sac.yaml``.
+
+Built on LightningCLI, so every constructor argument of the agent, its prior, engine
+and value estimate is a documented option (``mbvi fit --help``,
+``mbvi fit --print_config``), and components are chosen by ``class_path``.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger
+
+from mbvi.agent import VariationalAgent
+from mbvi.checkpoints import validate_checkpoint
+from mbvi.errors import MbviError
+from mbvi.tracking import MLflowTracker
+
+TRAINER_DEFAULTS = {
+    "logger": {"class_path": "mbvi.tracking.MLflowTracker"},
+    "accelerator": "auto",
+    "devices": 1,
+    "max_epochs": -1,
+    "enable_checkpointing": False,  # the agent checkpoints by env steps
+    "enable_progress_bar": False,  # the agent's env-step bar replaces Lightning's
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "log_every_n_steps": 1_000_000,  # the agent logs itself, stepped by env steps
+}
+
+
+class MLflowSaveConfig(SaveConfigCallback):
+    """Stores the resolved config as the run's ``config.yaml`` MLflow artifact
+    (LightningCLI's default writes to ``trainer.log_dir``, which is None for MLflow)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, save_to_log_dir=False, **kwargs)
+
+    def save_config(self, trainer, pl_module, stage) -> None:
+        logger = trainer.logger
+        if isinstance(logger, MLFlowLogger):
+            text = self.parser.dump(self.config, skip_none=False)
+            logger.experiment.log_text(logger.run_id, text, "config.yaml")
+
+
+class MbviCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
+
+    def before_fit(self) -> None:
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path:
+            validate_checkpoint(ckpt_path, self.model)
+        if isinstance(self.trainer.logger, MLflowTracker):
+            self.trainer.logger.check_reachable()
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``mbvi`` console script."""
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+    try:
+        MbviCLI(
+            VariationalAgent,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_callback=MLflowSaveConfig,
+            seed_everything_default=False,  # the agent seeds itself from --model.seed
+            auto_configure_optimizers=False,
+            args=args,
+        )
+    except MbviError as err:
+        print(f"mbvi: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

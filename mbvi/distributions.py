@@ -1,0 +1,96 @@
+"""The tanh-Gaussian (paper Eq. 13-14) used by parametric posteriors and priors.
+
+Shapes: ``loc`` and ``log_scale`` are ``[B, A]``; samples are ``[B, N, A]``; log-probs
+``[B, N]``.  Everything is plain torch so the hot path never pays for
+``torch.distributions`` argument validation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_LOG_2 = math.log(2.0)
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+LOG_SCALE_MIN, LOG_SCALE_MAX = -10.0, 2.0
+
+
+def tanh_log_det(u: torch.Tensor) -> torch.Tensor:
+    """log|d tanh(u)/du| summed over the last dim, stable for large |u|.
+
+    Uses log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), which never evaluates
+    ``1 - tanh(u)^2`` (that underflows to 0 for |u| > 9 in float32).
+    """
+    return (2.0 * (_LOG_2 - u - F.softplus(-2.0 * u))).sum(-1)
+
+
+def gaussian_log_prob(u: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """Diagonal Gaussian log density of ``u`` [B,N,A] under loc/log_scale [B,A] -> [B,N]."""
+    z = (u - loc.unsqueeze(-2)) * torch.exp(-log_scale).unsqueeze(-2)
+    return (-0.5 * z.pow(2) - log_scale.unsqueeze(-2) - _HALF_LOG_2PI).sum(-1)
+
+
+def atanh(a: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Inverse of tanh with the action clipped just inside (-1, 1)."""
+    a = a.clamp(-1.0 + eps, 1.0 - eps)
+    return 0.5 * (torch.log1p(a) - torch.log1p(-a))
+
+
+class TanhGaussian:
+    """a = tanh(u), u ~ N(loc, diag(exp(log_scale)^2))  (Eq. 13-14).
+
+    Args:
+        loc: mean of u, ``[B, A]``.
+        log_scale: log standard deviation of u, ``[B, A]``; clamped to
+            [LOG_SCALE_MIN, LOG_SCALE_MAX] by whoever produces it.
+    """
+
+    def __init__(self, loc: torch.Tensor, log_scale: torch.Tensor):
+        if loc.shape != log_scale.shape:
+            raise ValueError(
+                f"loc and log_scale must have the same shape, got {tuple(loc.shape)} "
+                f"and {tuple(log_scale.shape)}"
+            )
+        self.loc = loc
+        self.log_scale = log_scale
+
+    @property
+    def action_dim(self) -> int:
+        return self.loc.shape[-1]
+
+    def rsample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised samples: returns (a, u), both ``[B, n, A]``."""
+        eps = torch.randn(
+            (*self.loc.shape[:-1], n, self.loc.shape[-1]),
+            dtype=self.loc.dtype,
+            device=self.loc.device,
+        )
+        u = self.loc.unsqueeze(-2) + self.log_scale.exp().unsqueeze(-2) * eps
+        return torch.tanh(u), u
+
+    def log_prob_u(self, u: torch.Tensor) -> torch.Tensor:
+        """log π(a) for a = tanh(u), given the pre-tanh sample ``u`` [B,N,A] -> [B,N]."""
+        return gaussian_log_prob(u, self.loc, self.log_scale) - tanh_log_det(u)
+
+    def log_prob(self, a: torch.Tensor) -> torch.Tensor:
+        """log π(a) for actions ``a`` [B,N,A] in (-1, 1) -> [B,N] (inverts tanh)."""
+        return self.log_prob_u(atanh(a))
+
+    def mean_action(self) -> torch.Tensor:
+        """tanh(loc): the deterministic action used in evaluation, ``[B, A]``."""
+        return torch.tanh(self.loc)
+
+    def kl(self, other: TanhGaussian) -> torch.Tensor:
+        """KL(self ‖ other) in closed form, ``[B]``.
+
+        tanh is a bijection, so the KL of two tanh-Gaussians equals the KL of their
+        underlying Gaussians.
+        """
+        var_ratio = torch.exp(2.0 * (self.log_scale - other.log_scale))
+        mean_term = ((self.loc - other.loc) * torch.exp(-other.log_scale)).pow(2)
+        return 0.5 * (var_ratio + mean_term - 1.0 - torch.log(var_ratio)).sum(-1)
+
+    def detach(self) -> TanhGaussian:
+        return TanhGaussian(self.loc.detach(), self.log_scale.detach())

@@ -1,0 +1,63 @@
+"""Environments: validated construction and action rescaling.
+
+Engines act in [-1, 1]^A; ``ActionScaler`` maps that cube onto the env's Box bounds.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import gymnasium as gym
+import numpy as np
+
+
+from mbvi.errors import EnvError
+
+
+def make_env(env_id: str, seed: int | None = None) -> gym.Env:
+    """``gym.make(env_id)`` with errors a user can act on.
+
+    Raises:
+        EnvError: the id is not registered (close registered names are suggested), or
+            the action space is not a ``Box``.
+    """
+    if env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise EnvError(
+            f"env {env_id!r} is not registered with gymnasium.{hint} "
+            "Pass a registered id, e.g. --model.env_id Pendulum-v1."
+        )
+    env = gym.make(env_id)
+    if not isinstance(env.action_space, gym.spaces.Box):
+        env.close()
+        raise EnvError(
+            f"env {env_id!r} has a {type(env.action_space).__name__} action space; mbvi needs "
+            "continuous Box actions (tanh-Gaussian posteriors live on [-1, 1]^A)."
+        )
+    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
+        env.close()
+        raise EnvError(
+            f"env {env_id!r} has observation space {env.observation_space}; mbvi needs a flat "
+            "Box observation (wrap the env, e.g. with gymnasium.wrappers.FlattenObservation)."
+        )
+    if seed is not None:
+        env.action_space.seed(seed)
+    return env
+
+
+class ActionScaler:
+    """Affine map between [-1, 1]^A and the env's action bounds."""
+
+    def __init__(self, space: gym.spaces.Box):
+        low, high = space.low.astype(np.float64), space.high.astype(np.float64)
+        if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+            raise EnvError(f"action space {space} has unbounded dimensions; mbvi needs finite bounds")
+        self.center, self.half = (high + low) / 2.0, (high - low) / 2.0
+        self.dtype = space.dtype
+
+    def to_env(self, a: np.ndarray) -> np.ndarray:
+        return (self.center + self.half * a).astype(self.dtype)
+
+    def from_env(self, a: np.ndarray) -> np.ndarray:
+        return ((a - self.center) / self.half).astype(np.float32)

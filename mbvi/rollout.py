@@ -1,0 +1,98 @@
+"""The environment side of the agent: stepping, episode bookkeeping and evaluation.
+
+Policies are callables ``obs [S] (np.ndarray) -> action in [-1, 1]^A (np.ndarray)``;
+``EnvRunner`` rescales actions to the env's bounds and reports transitions with the
+termination flag kept apart from time-limit truncation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from mbvi.env import ActionScaler, make_env
+from mbvi.errors import NonFiniteError
+
+Policy = Callable[[np.ndarray], np.ndarray]
+
+
+
+
+@dataclass
+class Transition:
+    obs: np.ndarray
+    action: np.ndarray  # in [-1, 1]^A
+    reward: float
+    next_obs: np.ndarray
+    terminated: bool
+    episode_return: float | None  # set on the last step of an episode
+
+
+class EnvRunner:
+    """One Gymnasium env stepped one transition at a time.
+
+    A plain (non-vector) env keeps the bookkeeping exact: the transition that ends an
+    episode is stored with its real final observation, and the reset observation
+    starts the next one; nothing from the reset is stored as a transition.
+    """
+
+    def __init__(self, env_id: str, seed: int):
+        self.env_id, self.seed = env_id, seed
+        self.env = make_env(env_id, seed)
+        self.scaler = ActionScaler(self.env.action_space)
+        self.obs_dim = self.env.observation_space.shape[0]
+        self.act_dim = self.env.action_space.shape[0]
+        self.episodes = 0
+        self._reset(seed)
+
+    def _reset(self, seed: int | None = None) -> None:
+        self.obs, _ = self.env.reset(seed=seed)
+        self.episode_return = 0.0
+
+    def step(self, policy: Policy, env_step: int) -> Transition:
+        """Act once with ``policy``; ``env_step`` only labels error messages."""
+        obs = self.obs
+        action = policy(obs)
+        next_obs, reward, terminated, truncated, _ = self.env.step(self.scaler.to_env(action))
+        reward = float(reward)
+        if not (np.isfinite(reward) and np.isfinite(next_obs).all()):
+            quantity = "reward" if not np.isfinite(reward) else "observation"
+            raise NonFiniteError(
+                f"the {quantity} from env {self.env_id!r} is NaN or Inf at env step {env_step}; "
+                "training stopped (the last good checkpoint is kept). Check the env and the "
+                "actions it receives."
+            )
+        self.episode_return += reward
+        done_return = None
+        if terminated or truncated:
+            done_return = self.episode_return
+            self.episodes += 1
+            self._reset()
+        else:
+            self.obs = next_obs
+        return Transition(obs, action, reward, next_obs, bool(terminated), done_return)
+
+    def restart(self, seed: int) -> None:
+        """Start a fresh episode with a new seed (used after resuming from a checkpoint)."""
+        self.env.action_space.seed(seed)
+        self._reset(seed)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def evaluate(env_runner: EnvRunner, policy: Policy, episodes: int) -> list[float]:
+    """Returns of ``episodes`` full episodes of ``policy`` on ``env_runner``'s env."""
+    env, scaler = env_runner.env, env_runner.scaler
+    returns = []
+    for _ in range(episodes):
+        obs, _ = env.reset()
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(scaler.to_env(policy(obs)))
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    return returns

@@ -1,0 +1,79 @@
+"""MLflow tracking: an embedded SQLite store by default, any URI by option.
+
+``MLflowTracker`` is Lightning's ``MLFlowLogger`` with mbvi's defaults:
+
+* the URI is ``--trainer.logger.init_args.tracking_uri``, else ``MLFLOW_TRACKING_URI``,
+  else ``sqlite:///mlflow.db`` in the working directory (never the ``./mlruns``
+  file store that MLflow 3 refuses);
+* metrics are logged asynchronously (~0.1 ms a call instead of ~5 ms);
+* a run ends FINISHED on success, FAILED on an exception and KILLED on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+from lightning.pytorch.loggers import MLFlowLogger
+
+from mbvi.errors import TrackingError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+class MLflowTracker(MLFlowLogger):
+    """MLflow logger for mbvi runs.
+
+    Args:
+        experiment_name: MLflow experiment that groups comparable runs.
+        run_name: name of the run (MLflow picks one when None).
+        tracking_uri: store URI; None reads MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.
+        tags: extra run tags.
+    """
+
+    def __init__(
+        self,
+        experiment_name: str = "mbvi",
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        tags: dict[str, str] | None = None,
+    ):
+        super().__init__(
+            experiment_name=experiment_name,
+            run_name=run_name,
+            tracking_uri=resolve_tracking_uri(tracking_uri),
+            tags=tags,
+            log_model=False,
+            synchronous=False,
+        )
+        self._killed = False
+
+    def check_reachable(self) -> None:
+        """Open the store now, so a bad URI fails before training, naming the URI."""
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        try:
+            _ = self.experiment
+            _ = self.run_id
+        except Exception as err:  # any failure to open the store is the user's to fix
+            raise TrackingError(
+                f"cannot use the MLflow tracking URI {self._tracking_uri!r}: "
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+                "Start the tracking server, fix the URI, or drop the option to use the "
+                f"embedded store {DEFAULT_TRACKING_URI}."
+            ) from None
+
+    def mark_killed(self) -> None:
+        self._killed = True
+
+    def finalize(self, status: str = "success") -> None:
+        if not self._initialized:
+            return
+        mlflow.flush_async_logging()
+        super().finalize("KILLED" if self._killed else status)

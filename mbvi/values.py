@@ -1,0 +1,84 @@
+"""Value estimates Q̂(s, a) (paper §3.2 "conditional likelihood").
+
+A value estimate is called as ``value(s [B,S], a [B,N,A], frozen=False) -> [B,N]``;
+``frozen=True`` lets gradients reach the actions but not the estimate's parameters,
+which is how inference uses it without training the critic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mbvi.models.q import QEnsemble
+
+
+class ValueEstimate(nn.Module):
+    """Base class: ``build(obs_dim, act_dim)`` then ``forward(s, a, frozen)``."""
+
+    obs_dim: int
+    act_dim: int
+
+    def build(self, obs_dim: int, act_dim: int) -> None:
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+
+    def forward(self, s: torch.Tensor, a: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TwinQ(ValueEstimate):
+    """Model-free value: an ensemble of critics with Polyak-averaged target copies.
+
+    Args:
+        hidden: widths of each critic's hidden layers.
+        members: number of critics (2 is SAC's twin Q).
+        reduce: how the critics combine, ``min`` (clipped double Q) or ``mean``.
+        tau: Polyak factor of the target update, target ← (1−τ) target + τ online.
+    """
+
+    def __init__(
+        self,
+        hidden: Sequence[int] = (256, 256),
+        members: int = 2,
+        reduce: Literal["min", "mean"] = "min",
+        tau: float = 0.005,
+    ):
+        super().__init__()
+        if reduce not in ("min", "mean"):
+            raise ValueError(f"TwinQ reduce must be 'min' or 'mean', got {reduce!r}")
+        self.hidden, self.members, self.reduce, self.tau = tuple(hidden), members, reduce, tau
+
+    def build(self, obs_dim: int, act_dim: int) -> None:
+        super().build(obs_dim, act_dim)
+        self.q = QEnsemble(obs_dim, act_dim, self.hidden, self.members)
+        self.q_target = QEnsemble(obs_dim, act_dim, self.hidden, self.members)
+        self.q_target.load_state_dict(self.q.state_dict())
+        self.q_target.requires_grad_(False)
+
+    def _combine(self, qs: torch.Tensor) -> torch.Tensor:
+        return qs.min(0).values if self.reduce == "min" else qs.mean(0)
+
+    def forward(self, s: torch.Tensor, a: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        return self._combine(self.q(s, a, frozen))
+
+    @torch.no_grad()
+    def target(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Q̂ of the target critics, ``[B,N]``, without gradient."""
+        return self._combine(self.q_target(s, a))
+
+    def loss(
+        self, s: torch.Tensor, a: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Squared TD error of every critic against target ``y`` [B]; ``a`` is [B,A]."""
+        qs = self.q(s, a.unsqueeze(1)).squeeze(-1)  # [E, B]
+        loss = (qs - y).pow(2).mean(-1).sum() * 0.5
+        return loss, {"q_mean": qs.detach().mean()}
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        torch._foreach_lerp_(
+            list(self.q_target.parameters()), list(self.q.parameters()), self.tau
+        )

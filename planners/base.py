@@ -1,0 +1,54 @@
+"""The inference-engine interface (DESIGN §3).
+
+An engine performs the E-step: given states and the objective J̃ of Eq. 16 it returns
+the approximate posterior π(a|s,O).  It never sees the environment, the replay buffer
+or the logger, so any engine can be driven by a closed-form objective in a test::
+
+    engine.build(obs_dim, act_dim)
+    objective = Objective(states, value_fn, prior, alpha)
+    posterior = engine.infer(states, objective)      # TanhGaussian [B, A]
+    loss, metrics = engine.loss(states, objective)   # amortised engines only
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mbvi.distributions import TanhGaussian
+from mbvi.objectives import Objective
+
+
+class InferenceEngine(nn.Module):
+    """Base class of inference engines.
+
+    Attributes:
+        amortised: True when the engine has a network trained through ``loss``.
+        needs_objective_gradients: True when ``infer`` differentiates the objective
+            (iterative and gradient engines); the agent then does not wrap ``infer``
+            in ``torch.no_grad``.
+    """
+
+    amortised: bool = True
+    needs_objective_gradients: bool = False
+    obs_dim: int
+    act_dim: int
+
+    def build(self, obs_dim: int, act_dim: int) -> None:
+        """Create the engine's networks for the environment's sizes."""
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+
+    def infer(self, s: torch.Tensor, objective: Objective) -> TanhGaussian:
+        """Approximate posterior for states ``s`` [B,S]."""
+        raise NotImplementedError
+
+    def loss(
+        self, s: torch.Tensor, objective: Objective
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss whose gradient trains the inference network: −J̃ averaged over states."""
+        raise NotImplementedError(f"{type(self).__name__} is not amortised and has no loss")
+
+    @staticmethod
+    def check_states(s: torch.Tensor, obs_dim: int) -> None:
+        if s.dim() != 2 or s.shape[-1] != obs_dim:
+            raise ValueError(f"states must have shape [B, {obs_dim}], got {tuple(s.shape)}")
