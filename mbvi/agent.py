@@ -153,12 +153,16 @@ class VariationalAgent(L.LightningModule):
         return callbacks
 
     def configure_optimizers(self):
+        # One fused Adam over all parts (param groups keep their learning rates), so an
+        # update is one backward pass and one optimizer kernel: the hot path.
         hp = self.hparams
-        return [
-            torch.optim.Adam(self.value.parameters(), lr=hp.value_lr, foreach=True),
-            torch.optim.Adam(self.engine.parameters(), lr=hp.engine_lr, foreach=True),
-            torch.optim.Adam([self.log_alpha], lr=hp.alpha_lr),
+        groups = [
+            {"params": list(self.value.parameters()), "lr": hp.value_lr},
+            {"params": list(self.engine.parameters()), "lr": hp.engine_lr},
+            {"params": [self.log_alpha], "lr": hp.alpha_lr if hp.autotune_alpha else 0.0},
         ]
+        fused = all(p.is_floating_point() for g in groups for p in g["params"])
+        return torch.optim.Adam([g for g in groups if g["params"]], fused=fused)
 
     def train_dataloader(self):
         return DataLoader(_Ticks(), batch_size=None)
@@ -223,10 +227,14 @@ class VariationalAgent(L.LightningModule):
     def update(self, s, a, r, s2, term) -> dict[str, torch.Tensor]:
         """One M-step on a replay batch ``s`` [B,S], ``a`` [B,A], ``r`` [B], ``s2``, ``term``.
 
+        The value, engine and α losses touch disjoint parameters (the engine sees the
+        value with frozen parameters; targets and KL are constants), so their sum is
+        minimised in one backward pass: each part gets exactly its own gradient.  The
+        engine thus sees the value before, not after, this step's value update.
         Returns detached metric tensors (no host sync on the hot path).
         """
         hp = self.hparams
-        value_opt, engine_opt, alpha_opt = self.optimizers()
+        opt = self.optimizers()
         alpha = self.alpha
 
         # Value: soft TD target with the posterior at s' (Eq. 9-10), target critics.
@@ -237,25 +245,18 @@ class VariationalAgent(L.LightningModule):
             next_v, _ = next_objective(next_posterior, 1)
             y = soft_td_target(r, term, next_v, hp.gamma)
         value_loss, value_metrics = self.value.loss(s, a, y)
-        value_opt.zero_grad(set_to_none=True)
-        self.manual_backward(value_loss)
-        value_opt.step()
 
         # Engine: maximise J̃ (Eq. 16) against the value with its parameters frozen.
         objective = Objective(s, partial(self.value, frozen=True), self.prior, alpha)
         engine_loss, engine_metrics = self.engine.loss(s, objective)
-        engine_opt.zero_grad(set_to_none=True)
-        self.manual_backward(engine_loss)
-        engine_opt.step()
 
-        # Temperature.
+        # Temperature: keep KL(π‖p) at its target.
         kl = engine_metrics["kl"]
-        if hp.autotune_alpha:
-            a_loss = alpha_loss(self.log_alpha, kl, self.kl_target)
-            alpha_opt.zero_grad(set_to_none=True)
-            self.manual_backward(a_loss)
-            alpha_opt.step()
+        a_loss = alpha_loss(self.log_alpha, kl, self.kl_target)
 
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(value_loss + engine_loss + a_loss)
+        opt.step()
         self.value.update_target()
         return {
             "loss/value": value_loss.detach(),
