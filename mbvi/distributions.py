@@ -32,8 +32,13 @@ def gaussian_log_prob(u: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tenso
     return (-0.5 * z.pow(2) - log_scale.unsqueeze(-2) - _HALF_LOG_2PI).sum(-1)
 
 
-def atanh(a: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Inverse of tanh with the action clipped just inside (-1, 1)."""
+def atanh(a: torch.Tensor) -> torch.Tensor:
+    """Inverse of tanh with the action clipped just inside (-1, 1).
+
+    Actions that tanh rounded to ±1 lose their pre-tanh value; when the sample ``u`` is
+    at hand, use ``TanhGaussian.log_prob_u`` instead.
+    """
+    eps = torch.finfo(a.dtype).eps
     a = a.clamp(-1.0 + eps, 1.0 - eps)
     return 0.5 * (torch.log1p(a) - torch.log1p(-a))
 

@@ -32,6 +32,7 @@ class Direct(InferenceEngine):
         self.net = GaussianHead(obs_dim, act_dim, self.hidden)
 
     def infer(self, s: torch.Tensor, objective: Objective | None = None) -> TanhGaussian:
+        self.check_states(s, self.obs_dim)
         return TanhGaussian(*self.net(s))
 
     def loss(

@@ -1,0 +1,84 @@
+"""Analytic checks of the tanh-Gaussian (Eq. 13-14) and its KL."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, TransformedDistribution, kl_divergence
+from torch.distributions.transforms import TanhTransform
+
+from mbvi.distributions import TanhGaussian, atanh, tanh_log_det
+
+
+def _dist(b=4, a=3, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    loc = torch.randn(b, a, generator=g, dtype=dtype)
+    log_scale = 0.5 * torch.randn(b, a, generator=g, dtype=dtype)
+    return TanhGaussian(loc, log_scale)
+
+
+def test_log_prob_matches_change_of_variables():
+    d = _dist()
+    a, u = d.rsample(7)
+    ours = d.log_prob_u(u)
+    base = Normal(d.loc.unsqueeze(1), d.log_scale.exp().unsqueeze(1))
+    reference = (base.log_prob(u) - torch.log1p(-torch.tanh(u) ** 2)).sum(-1)
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+    torch_ref = TransformedDistribution(base, TanhTransform()).log_prob(a).sum(-1)
+    torch.testing.assert_close(ours, torch_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_log_prob_from_actions_inverts_tanh():
+    d = _dist()
+    a, u = d.rsample(5)
+    torch.testing.assert_close(d.log_prob(a), d.log_prob_u(u), rtol=1e-8, atol=1e-8)
+
+
+def test_density_integrates_to_one_in_1d():
+    d = TanhGaussian(torch.tensor([[0.7]], dtype=torch.float64),
+                     torch.tensor([[-0.3]], dtype=torch.float64))
+    a = torch.linspace(-1 + 1e-9, 1 - 1e-9, 200_001, dtype=torch.float64)
+    p = d.log_prob(a.view(1, -1, 1)).exp().squeeze()
+    assert torch.trapezoid(p, a).item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_tanh_correction_is_finite_for_large_u():
+    u = torch.tensor([[[-30.0, 0.0, 30.0]]])
+    out = tanh_log_det(u)
+    assert torch.isfinite(out).all()
+    # log(1 - tanh(u)^2) ~ log 4 - 2|u| for large |u|
+    expected = 2 * (math.log(4) - 60.0) + 0.0
+    assert out.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_kl_matches_gaussian_closed_form_and_monte_carlo():
+    p, q = _dist(seed=1), _dist(seed=2)
+    ours = p.kl(q)
+    ref = kl_divergence(Normal(p.loc, p.log_scale.exp()), Normal(q.loc, q.log_scale.exp())).sum(-1)
+    torch.testing.assert_close(ours, ref)
+    torch.manual_seed(0)
+    a, u = p.rsample(200_000)
+    mc = (p.log_prob_u(u) - q.log_prob_u(u)).mean(-1)
+    torch.testing.assert_close(mc, ours, rtol=0.03, atol=0.03)
+    assert torch.all(p.kl(p) == 0)
+
+
+def test_rsample_shapes_bounds_and_gradients():
+    loc = torch.zeros(2, 3, requires_grad=True)
+    log_scale = torch.zeros(2, 3, requires_grad=True)
+    d = TanhGaussian(loc, log_scale)
+    a, u = d.rsample(5)
+    assert a.shape == u.shape == (2, 5, 3)
+    assert (a.abs() < 1).all()
+    a.sum().backward()
+    assert loc.grad is not None and log_scale.grad is not None
+    assert d.mean_action().shape == (2, 3)
+
+
+def test_shape_mismatch_is_reported():
+    with pytest.raises(ValueError, match=r"same shape.*\(2, 3\).*\(2, 4\)"):
+        TanhGaussian(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_atanh_is_finite_at_the_bounds():
+    assert torch.isfinite(atanh(torch.tensor([-1.0, 1.0]))).all()

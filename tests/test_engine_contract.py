@@ -1,0 +1,75 @@
+"""Every inference engine honours the interface of planners/base.py (DESIGN §3)."""
+
+import pytest
+import torch
+
+from mbvi.distributions import TanhGaussian
+from mbvi.objectives import Objective
+from mbvi.planners import Direct
+from mbvi.priors import ConstantTanhGaussianPrior, UniformPrior
+
+OBS, ACT, B = 5, 3, 8
+
+
+def quadratic_value(s, a):
+    """Q(s, a) = −‖a − 0.5‖²: known optimum, no parameters."""
+    return -((a - 0.5) ** 2).sum(-1)
+
+
+ENGINES = {
+    "direct": lambda: Direct(hidden=(16, 16)),
+}
+
+
+@pytest.fixture(params=sorted(ENGINES))
+def engine(request):
+    torch.manual_seed(0)
+    e = ENGINES[request.param]()
+    e.build(OBS, ACT)
+    return e
+
+
+@pytest.fixture(params=[UniformPrior, ConstantTanhGaussianPrior])
+def objective_for(request):
+    prior = request.param()
+    prior.build(OBS, ACT)
+    return lambda s: Objective(s, quadratic_value, prior, alpha=0.1)
+
+
+def test_infer_shapes_bounds_and_inputs_untouched(engine, objective_for):
+    s = torch.randn(B, OBS)
+    s_copy = s.clone()
+    post = engine.infer(s, objective_for(s))
+    assert isinstance(post, TanhGaussian)
+    assert post.loc.shape == post.log_scale.shape == (B, ACT)
+    assert torch.isfinite(post.loc).all() and torch.isfinite(post.log_scale).all()
+    assert (post.mean_action().abs() < 1).all()
+    a, _ = post.rsample(4)
+    assert a.shape == (B, 4, ACT) and (a.abs() <= 1).all()
+    assert torch.equal(s, s_copy)
+
+
+def test_deterministic_under_a_seed(engine, objective_for):
+    s = torch.randn(B, OBS)
+    torch.manual_seed(1)
+    first = engine.infer(s, objective_for(s))
+    torch.manual_seed(1)
+    second = engine.infer(s, objective_for(s))
+    assert torch.equal(first.loc, second.loc) and torch.equal(first.log_scale, second.log_scale)
+
+
+def test_amortised_loss_trains_only_the_engine(engine, objective_for):
+    if not engine.amortised:
+        pytest.skip("non-amortised engines have no loss")
+    s = torch.randn(B, OBS)
+    loss, metrics = engine.loss(s, objective_for(s))
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert metrics["kl"].shape == (B,)
+    loss.backward()
+    assert any(p.grad is not None for p in engine.parameters())
+
+
+def test_rejects_states_of_the_wrong_shape(engine, objective_for):
+    with pytest.raises(ValueError, match=r"states must have shape \[B, 5\], got \(8, 4\)"):
+        s = torch.randn(B, OBS - 1)
+        engine.infer(s, objective_for(torch.randn(B, OBS)))
