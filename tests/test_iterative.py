@@ -12,7 +12,11 @@ from mbvi.objectives import Objective
 from mbvi.planners import GradientRefinement, Iterative
 from mbvi.priors import ConstantTanhGaussianPrior, UniformPrior
 from mbvi.values import TwinQ
-from tests.quadratic import exact_j, make_objective, optimum
+
+try:  # tests/ imported as a package (tests/__init__.py) or as a plain folder
+    from tests.quadratic import exact_j, make_objective, optimum
+except ModuleNotFoundError:
+    from quadratic import exact_j, make_objective, optimum
 
 S, A = 3, 2
 
