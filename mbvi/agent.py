@@ -54,6 +54,18 @@ def component_params(name: str, module: torch.nn.Module) -> dict[str, object]:
     return params
 
 
+def _numpy_state_to_torch(state: tuple) -> tuple:
+    """numpy's legacy RNG state with its key array as a tensor (loadable with
+    ``torch.load(weights_only=True)``)."""
+    name, keys, pos, has_gauss, cached = state
+    return name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached
+
+
+def _numpy_state_from_torch(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return name, keys.numpy().astype(np.uint32), pos, has_gauss, cached
+
+
 class VariationalAgent(L.LightningModule):
     """Variational RL agent: choose a prior, an inference engine and a value estimate.
 
@@ -318,7 +330,7 @@ class VariationalAgent(L.LightningModule):
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(),
+                "numpy": _numpy_state_to_torch(np.random.get_state()),
                 "python": random.getstate(),
                 "agent": self._rng.bit_generator.state,
             },
@@ -335,7 +347,7 @@ class VariationalAgent(L.LightningModule):
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(rng["numpy"])
+        np.random.set_state(_numpy_state_from_torch(rng["numpy"]))
         random.setstate(rng["python"])
         self._rng.bit_generator.state = rng["agent"]
         # Env internals are not checkpointed: the resumed run starts a fresh episode.

@@ -50,6 +50,14 @@ class MbviCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the config as given.
+
+        LightningCLI would overwrite the config with the checkpoint's hyperparameters,
+        which silently undoes ``--model.total_env_steps`` when extending a run and hides
+        a checkpoint from another env; ``before_fit`` checks the checkpoint instead.
+        """
+
     def before_fit(self) -> None:
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path:

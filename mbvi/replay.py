@@ -50,21 +50,24 @@ class ReplayBuffer:
         )
         return tuple(getattr(self, f)[idx] for f in self.FIELDS)
 
+    def _chronological(self) -> torch.Tensor:
+        """Indices of the stored transitions, oldest first."""
+        start = self.pos if self.size == self.capacity else 0
+        return (torch.arange(self.size, device=self.device) + start) % self.capacity
+
     def state_dict(self) -> dict:
-        """Only the filled part is saved, so a checkpoint early in training stays small."""
-        n = self.size
+        """The stored transitions, oldest first (only the filled part, so a checkpoint
+        early in training stays small and a resumed run may change the capacity)."""
+        order = self._chronological()
         return {
-            **{f: getattr(self, f)[:n].cpu().clone() for f in self.FIELDS},
-            "size": n,
-            "pos": self.pos,
+            **{f: getattr(self, f)[order].cpu() for f in self.FIELDS},
             "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        n = state["size"]
-        if n > self.capacity:
-            raise ValueError(f"checkpoint holds {n} transitions but the buffer capacity is {self.capacity}")
+        n = len(state["rew"])
+        keep = min(n, self.capacity)  # a smaller buffer keeps the newest transitions
         for f in self.FIELDS:
-            getattr(self, f)[:n] = state[f].to(self.device)
-        self.size, self.pos = n, state["pos"]
+            getattr(self, f)[:keep] = state[f][n - keep:].to(self.device)
+        self.size, self.pos = keep, keep % self.capacity
         self.generator.set_state(state["generator"])

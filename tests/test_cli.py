@@ -1,0 +1,153 @@
+"""The real ``mbvi`` entry point on the tiny preset, read back from the MLflow store."""
+
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from tests.conftest import CONFIGS, MBVI, cli_env
+
+TINY = str(CONFIGS / "pendulum" / "tiny.yaml")
+
+
+def run_mbvi(cwd, *args, timeout=300):
+    return subprocess.run(
+        [MBVI, "fit", "--config", TINY, *args],
+        cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def runs(cwd, experiment="tiny"):
+    client = MlflowClient(f"sqlite:///{cwd}/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    return client, ([] if exp is None else client.search_runs([exp.experiment_id]))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run shared by the tests that read a finished run or its checkpoint."""
+    cwd = tmp_path_factory.mktemp("trained")
+    proc = run_mbvi(cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, found = runs(cwd)
+    assert len(found) == 1
+    run = found[0]
+    ckpt = cwd / "checkpoints" / run.info.run_id / "last.ckpt"
+    return cwd, client, run, ckpt
+
+
+def test_fit_records_params_metrics_artifacts_and_status(trained):
+    cwd, client, run, ckpt = trained
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert (p["prior"], p["engine"], p["value"]) == ("UniformPrior", "Direct", "TwinQ")
+    assert (p["env_id"], p["seed"], p["batch_size"]) == ("Pendulum-v1", "0", "32")
+    assert p["engine.hidden"] == "(32, 32)"
+    for key in ["train/episode_return", "eval/return", "perf/env_steps_per_s",
+                "loss/value", "loss/engine", "train/alpha", "train/kl"]:
+        assert key in run.data.metrics, key
+    eval_steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval/return")]
+    assert eval_steps == [200, 300]
+    episode_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/episode_return")]
+    assert episode_steps == [200]  # Pendulum's 200-step time limit
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "checkpoints"} <= artifacts
+    config = client.download_artifacts(run.info.run_id, "config.yaml", str(cwd))
+    assert "total_env_steps: 300" in open(config).read()
+    state = torch.load(ckpt, weights_only=False)
+    assert state["mbvi"]["env_steps"] == 300 and len(state["mbvi"]["buffer"]["rew"]) == 300
+
+
+def test_help_documents_every_hyperparameter():
+    out = subprocess.run([MBVI, "fit", "--help"], capture_output=True, text=True, env=cli_env())
+    assert out.returncode == 0
+    for option in ["--model.total_env_steps", "--model.updates_per_step", "--model.prior",
+                   "--model.engine", "--model.value", "--model.target_kl_per_dim", "--ckpt_path"]:
+        assert option in out.stdout, option
+    assert "training budget in environment steps" in out.stdout
+    printed = subprocess.run([MBVI, "fit", "--config", TINY, "--print_config"],
+                             capture_output=True, text=True, env=cli_env())
+    assert "class_path: mbvi.planners.Direct" in printed.stdout
+    assert "tau: 0.005" in printed.stdout  # defaults of the chosen components show too
+
+
+def test_resume_continues_from_the_checkpoint(trained, tmp_path):
+    cwd, _, first, ckpt = trained
+    proc = run_mbvi(cwd, "--model.total_env_steps", "500", "--ckpt_path", str(ckpt))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, found = runs(cwd)
+    resumed = [r for r in found if r.info.run_id != first.info.run_id]
+    assert len(resumed) == 1 and resumed[0].info.status == "FINISHED"
+    rid = resumed[0].info.run_id
+    steps = [m.step for m in client.get_metric_history(rid, "perf/env_steps_per_s")]
+    assert min(steps) > 300 and max(steps) == 500
+    state = torch.load(cwd / "checkpoints" / rid / "last.ckpt", weights_only=False)
+    assert state["mbvi"]["env_steps"] == 500
+    assert len(state["mbvi"]["buffer"]["rew"]) == 500
+    old = torch.load(ckpt, weights_only=False)["mbvi"]["buffer"]
+    assert torch.equal(state["mbvi"]["buffer"]["obs"][:300], old["obs"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.env_id", "Pendulm-v1"], "env 'Pendulm-v1' is not registered with gymnasium. Did you mean 'Pendulum-v1'"),
+        (["--model.env_id", "CartPole-v1"], "has a Discrete action space; mbvi needs continuous Box actions"),
+        (["--model.bogus", "1"], "bogus"),
+        (["--model.batch_size", "abc"], "batch_size"),
+        (["--model.init_alpha", "0"], "init_alpha must be > 0"),
+        (["--trainer.logger.init_args.tracking_uri", "http://127.0.0.1:9"],
+         "cannot use the MLflow tracking URI 'http://127.0.0.1:9'"),
+        (["--ckpt_path", "nowhere/last.ckpt"], "checkpoint 'nowhere/last.ckpt' does not exist"),
+    ],
+)
+def test_bad_input_fails_before_training_with_a_clear_error(workdir, args, message):
+    proc = run_mbvi(workdir, *args, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    _, found = runs(workdir)
+    assert all(r.data.metrics == {} for r in found)  # nothing trained
+
+
+def test_corrupt_checkpoint_is_rejected(workdir):
+    bad = workdir / "corrupt.ckpt"
+    bad.write_bytes(b"not a checkpoint" * 100)
+    proc = run_mbvi(workdir, "--ckpt_path", str(bad))
+    assert proc.returncode == 2
+    assert f"checkpoint '{bad}' cannot be read" in proc.stderr
+
+
+def test_checkpoint_from_another_env_is_rejected(trained, workdir):
+    _, _, _, ckpt = trained
+    proc = run_mbvi(workdir, "--model.env_id", "MountainCarContinuous-v0", "--ckpt_path", str(ckpt))
+    assert proc.returncode == 2
+    assert "is from env 'Pendulum-v1' but this run is configured for 'MountainCarContinuous-v0'" in proc.stderr
+
+
+def test_ctrl_c_writes_a_checkpoint_and_marks_the_run_killed(workdir):
+    proc = subprocess.Popen(
+        [MBVI, "fit", "--config", TINY, "--model.total_env_steps", "1000000",
+         "--model.buffer_size", "5000"],
+        cwd=workdir, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:  # wait until training has logged something
+            time.sleep(1.0)
+            if (workdir / "mlflow.db").exists():
+                _, found = runs(workdir)
+                if found and "perf/env_steps_per_s" in found[0].data.metrics:
+                    break
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    _, found = runs(workdir)
+    assert found[0].info.status == "KILLED", out[-2000:]
+    ckpt = workdir / "checkpoints" / found[0].info.run_id / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    assert state["mbvi"]["env_steps"] >= 50
+    assert f"interrupted at env step {state['mbvi']['env_steps']}" in out
