@@ -222,7 +222,14 @@ class VariationalAgent(L.LightningModule):
             objective = Objective(s, partial(self.value, frozen=True), self.prior, self.alpha)
             posterior = self.engine.infer(s, objective)
             a = posterior.mean_action() if deterministic else posterior.rsample(1)[0][:, 0]
-        return a[0].detach().cpu().numpy()
+        action = a[0].detach().cpu().numpy()
+        if not np.isfinite(action).all():
+            self._metric_means()  # names the loss that went non-finite, if one did
+            raise NonFiniteError(
+                f"the action from the engine is NaN or Inf at env step {self.env_steps + 1}; "
+                "training stopped and the last good checkpoint is kept."
+            )
+        return action
 
     def _act_and_store(self) -> None:
         if self.env_steps < self.hparams.warmup_steps:
@@ -289,20 +296,25 @@ class VariationalAgent(L.LightningModule):
         t0, s0 = self._clock
         out = {"perf/env_steps_per_s": (steps - s0) / max(now - t0, 1e-9)}
         self._clock = (now, steps)
-        if self._metric_count:
-            names = list(self._metric_sums)
-            means = (torch.stack([self._metric_sums[k] for k in names]) / self._metric_count).tolist()
-            for name, v in zip(names, means):
-                if not math.isfinite(v):
-                    raise NonFiniteError(
-                        f"{name} became NaN or Inf by env step {steps} (averaged over the "
-                        f"updates since the previous log at step {steps - self._metric_count // max(self.hparams.updates_per_step, 1)}); "
-                        "training stopped, the last good checkpoint is kept. Try a lower "
-                        "learning rate or check the rewards' scale."
-                    )
-            out.update(zip(names, means))
-            self._metric_sums, self._metric_count = {}, 0
+        out.update(self._metric_means())
+        self._metric_sums, self._metric_count = {}, 0
         self._log(out)
+
+    def _metric_means(self) -> dict[str, float]:
+        """Means of the metrics accumulated since the last flush (one host sync);
+        raises ``NonFiniteError`` naming the first quantity that is NaN or Inf."""
+        if not self._metric_count:
+            return {}
+        names = list(self._metric_sums)
+        means = (torch.stack([self._metric_sums[k] for k in names]) / self._metric_count).tolist()
+        for name, v in zip(names, means):
+            if not math.isfinite(v):
+                raise NonFiniteError(
+                    f"{name} became NaN or Inf by env step {self.env_steps}; training stopped "
+                    "and the last good checkpoint is kept. Try a lower learning rate or "
+                    "check the scale of the rewards."
+                )
+        return dict(zip(names, means))
 
     def _log(self, metrics: dict[str, float]) -> None:
         if self.logger is not None:

@@ -1,0 +1,123 @@
+"""The agent through the Python API: env handling, NaN stops, seeding."""
+
+import gymnasium as gym
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from mbvi import MLflowTracker, NonFiniteError, TwinQ, VariationalAgent
+from mbvi.env import make_env
+from mbvi.errors import EnvError
+from mbvi.planners import Direct
+from mbvi.rollout import EnvRunner
+
+TINY = dict(total_env_steps=300, warmup_steps=100, batch_size=32, buffer_size=1000,
+            eval_every=10_000, eval_episodes=1, log_every=50, checkpoint_every=100,
+            progress_refresh_s=0)
+
+
+class NaNAfter(gym.Wrapper):
+    """Pendulum whose observation turns NaN at the 150th step."""
+
+    def __init__(self, env_id="Pendulum-v1", after=150):
+        super().__init__(gym.make(env_id))
+        self.after, self.count = after, 0
+
+    def step(self, action):
+        obs, r, term, trunc, info = self.env.step(action)
+        self.count += 1
+        if self.count >= self.after:
+            obs = obs * np.nan
+        return obs, r, term, trunc, info
+
+
+gym.register("NaNPendulum-v0", entry_point=NaNAfter)
+
+
+def tiny_agent(env_id="Pendulum-v1", **overrides):
+    return VariationalAgent(env_id, engine=Direct(hidden=(32, 32)), value=TwinQ(hidden=(32, 32)),
+                            **{**TINY, **overrides})
+
+
+def fit(agent, workdir):
+    logger = MLflowTracker(experiment_name="t", tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+    trainer = L.Trainer(logger=logger, max_epochs=-1, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(workdir), accelerator="cpu")
+    trainer.fit(agent)
+    return trainer, logger
+
+
+def test_unknown_env_suggests_close_names():
+    with pytest.raises(EnvError, match=r"Did you mean 'HalfCheetah-v5'"):
+        make_env("HalfCheeta-v5")
+
+
+def test_discrete_env_is_rejected():
+    with pytest.raises(EnvError, match="Discrete action space; mbvi needs continuous Box"):
+        make_env("CartPole-v1")
+
+
+def test_termination_is_stored_and_truncation_is_not():
+    runner = EnvRunner("InvertedPendulum-v5", seed=0)  # terminates when the pole falls
+    rng = np.random.default_rng(0)
+    transitions = [runner.step(lambda o: rng.uniform(-1, 1, 1), i) for i in range(300)]
+    ends = [i for i, t in enumerate(transitions) if t.episode_return is not None]
+    assert ends and all(transitions[i].terminated for i in ends)
+    for i in ends[:-1]:  # the next transition starts from a reset, not from next_obs
+        assert not np.allclose(transitions[i + 1].obs, transitions[i].next_obs)
+    pend = EnvRunner("Pendulum-v1", seed=0)  # only a 200-step time limit
+    out = [pend.step(lambda o: np.zeros(1), i) for i in range(201)]
+    assert out[199].episode_return is not None and not out[199].terminated
+    assert not any(t.terminated for t in out)
+
+
+def test_actions_are_rescaled_to_the_env_bounds():
+    runner = EnvRunner("Pendulum-v1", seed=0)  # torque bounds ±2
+    np.testing.assert_allclose(runner.scaler.to_env(np.array([1.0])), [2.0])
+    np.testing.assert_allclose(runner.scaler.to_env(np.array([-0.5])), [-1.0])
+
+
+def test_nan_observation_stops_with_a_message_and_keeps_the_last_checkpoint(workdir):
+    agent = tiny_agent("NaNPendulum-v0")
+    with pytest.raises(NonFiniteError, match=r"observation from env 'NaNPendulum-v0' is NaN or Inf at env step 150"):
+        fit(agent, workdir)
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert run.info.status == "FAILED"
+    ckpt = torch.load(workdir / "checkpoints" / run.info.run_id / "last.ckpt", weights_only=False)
+    assert ckpt["mbvi"]["env_steps"] == 100  # the last good one
+
+
+def test_nan_loss_stops_naming_the_loss(workdir, monkeypatch):
+    agent = tiny_agent()
+    original = agent.value.loss
+
+    def poisoned(s, a, y):
+        loss, metrics = original(s, a, y)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(agent.value, "loss", poisoned)
+    with pytest.raises(NonFiniteError, match=r"loss/value became NaN or Inf by env step 10[0-9]; training stopped"):
+        fit(agent, workdir)
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_same_seed_gives_the_same_metrics(workdir):
+    histories = []
+    for i in range(2):
+        d = workdir / str(i)
+        d.mkdir()
+        _, logger = fit(tiny_agent(total_env_steps=2000, warmup_steps=500, eval_every=1000), d)
+        client = MlflowClient(f"sqlite:///{d}/mlflow.db")
+        histories.append({
+            key: [(m.step, m.value) for m in client.get_metric_history(logger.run_id, key)]
+            for key in ["loss/value", "loss/engine", "train/alpha", "train/episode_return",
+                        "eval/return"]
+        })
+    assert histories[0]["eval/return"][-1][0] == 2000
+    assert histories[0] == histories[1]
