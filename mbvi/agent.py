@@ -142,6 +142,7 @@ class VariationalAgent(L.LightningModule):
         self.value = value if value is not None else TwinQ()
         for part in (self.prior, self.engine, self.value):
             part.build(obs_dim, act_dim)
+        self.engine.check_prior(self.prior)
         self.log_alpha = torch.nn.Parameter(torch.tensor(math.log(init_alpha)))
         kl_per_dim = (target_kl_per_dim if target_kl_per_dim is not None
                       else self.prior.default_kl_target())
@@ -278,6 +279,8 @@ class VariationalAgent(L.LightningModule):
         opt.step()
         self.value.update_target()
         return {
+            # Scalar engine diagnostics, e.g. J̃ per inference iteration (Fig. 2).
+            **{f"engine/{k}": v for k, v in engine_metrics.items() if v.dim() == 0},
             "loss/value": value_loss.detach(),
             "loss/engine": engine_loss.detach(),
             "train/alpha": alpha,

@@ -64,9 +64,9 @@ class TwinQ(ValueEstimate):
     def forward(self, s: torch.Tensor, a: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         return self._combine(self.q(s, a, frozen))
 
-    @torch.no_grad()
     def target(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """Q̂ of the target critics, ``[B,N]``, without gradient."""
+        """Q̂ of the target critics, ``[B,N]``.  Their parameters never receive gradients;
+        gradients still reach ``a``, so gradient-based engines can infer against it."""
         return self._combine(self.q_target(s, a))
 
     def loss(

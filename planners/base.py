@@ -38,6 +38,10 @@ class InferenceEngine(nn.Module):
         """Create the engine's networks for the environment's sizes."""
         self.obs_dim, self.act_dim = obs_dim, act_dim
 
+    def check_prior(self, prior) -> None:
+        """Raise ``ConfigError`` at configuration time if this engine cannot start from
+        ``prior`` (called by the agent once everything is built)."""
+
     def infer(self, s: torch.Tensor, objective: Objective) -> TanhGaussian:
         """Approximate posterior for states ``s`` [B,S]."""
         raise NotImplementedError
