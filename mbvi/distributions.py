@@ -75,6 +75,18 @@ class TanhGaussian:
         u = self.loc.unsqueeze(-2) + self.log_scale.exp().unsqueeze(-2) * eps
         return torch.tanh(u), u
 
+    def rsample_with_log_prob(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``rsample`` plus log π(a) [B,n], reusing the standard-normal draws (cheaper
+        than ``log_prob_u`` on the samples: the hot path of sample-based KL)."""
+        eps = torch.randn(
+            (*self.loc.shape[:-1], n, self.loc.shape[-1]),
+            dtype=self.loc.dtype,
+            device=self.loc.device,
+        )
+        u = self.loc.unsqueeze(-2) + self.log_scale.exp().unsqueeze(-2) * eps
+        log_gauss = (-0.5 * eps.pow(2) - _HALF_LOG_2PI).sum(-1) - self.log_scale.sum(-1, keepdim=True)
+        return torch.tanh(u), u, log_gauss - tanh_log_det(u)
+
     def log_prob_u(self, u: torch.Tensor) -> torch.Tensor:
         """log π(a) for a = tanh(u), given the pre-tanh sample ``u`` [B,N,A] -> [B,N]."""
         return gaussian_log_prob(u, self.loc, self.log_scale) - tanh_log_det(u)

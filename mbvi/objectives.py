@@ -63,12 +63,13 @@ class Objective:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """J̃ [B] for a tanh-Gaussian posterior, estimated with ``n_samples``
         reparameterised actions, and metrics (``q`` [B], ``kl`` [B], detached)."""
-        a, u = posterior.rsample(n_samples)
-        q = self.value(self.states, a)
         if self.prior_dist is not None:
+            a, _ = posterior.rsample(n_samples)
             kl = posterior.kl(self.prior_dist)
         else:
-            kl = (posterior.log_prob_u(u) - self.prior.log_prob(self.states, a, u)).mean(-1)
+            a, u, log_pi = posterior.rsample_with_log_prob(n_samples)
+            kl = (log_pi - self.prior.log_prob(self.states, a, u)).mean(-1)
+        q = self.value(self.states, a)
         j = soft_objective(q, kl, self.alpha)
         return j, {"q": q.mean(-1).detach(), "kl": kl.detach()}
 

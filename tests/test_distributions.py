@@ -82,3 +82,13 @@ def test_shape_mismatch_is_reported():
 
 def test_atanh_is_finite_at_the_bounds():
     assert torch.isfinite(atanh(torch.tensor([-1.0, 1.0]))).all()
+
+
+def test_rsample_with_log_prob_agrees_with_log_prob_u():
+    d = _dist()
+    torch.manual_seed(4)
+    a, u, log_pi = d.rsample_with_log_prob(6)
+    torch.manual_seed(4)
+    a2, u2 = d.rsample(6)
+    torch.testing.assert_close(u, u2)
+    torch.testing.assert_close(log_pi, d.log_prob_u(u))
