@@ -1,7 +1,8 @@
 """Final evaluation returns of one config over several seeds, through the real CLI.
 
     python benchmarks/returns.py --config configs/pendulum/sac.yaml --seeds 0 1 2
-    python benchmarks/returns.py --config configs/halfcheetah/sac.yaml --seeds 0 1 -- --model.total_env_steps 50000
+    python benchmarks/returns.py --config configs/halfcheetah/sac.yaml --seeds 0 1 \
+        -- --model.total_env_steps 50000
 
 Each seed is one ``mbvi fit`` run (extra options after ``--`` are passed on), logged to
 the MLflow store of the working directory.  Last line:
@@ -34,8 +35,19 @@ def main() -> None:
     finals = []
     for seed in args.seeds:
         tag = f"returns-{os.getpid()}-{seed}"
-        cmd = [mbvi, "fit", "--config", args.config, "--model.seed", str(seed),
-               "--model.progress_refresh_s", "0", "--trainer.logger.init_args.run_name", tag, *extra]
+        cmd = [
+            mbvi,
+            "fit",
+            "--config",
+            args.config,
+            "--model.seed",
+            str(seed),
+            "--model.progress_refresh_s",
+            "0",
+            "--trainer.logger.init_args.run_name",
+            tag,
+            *extra,
+        ]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         (run,) = client.search_runs(
@@ -49,7 +61,8 @@ def main() -> None:
     mean = sum(finals) / len(finals)
     print(
         f"returns config={args.config} seeds={','.join(map(str, args.seeds))} "
-        f"final_eval_returns={','.join(f'{r:.1f}' for r in finals)} mean={mean:.1f} min={min(finals):.1f}"
+        f"final_eval_returns={','.join(f'{r:.1f}' for r in finals)} "
+        f"mean={mean:.1f} min={min(finals):.1f}"
     )
 
 

@@ -42,20 +42,36 @@ class _Timer(L.Callback):
 
 def mbvi_rate(warmup: int, steps: int, seed: int) -> float:
     agent = VariationalAgent(
-        ENV_ID, prior=UniformPrior(), engine=Direct(hidden=(256, 256)),
-        value=TwinQ(hidden=(256, 256)), seed=seed, total_env_steps=warmup + steps,
-        warmup_steps=warmup, batch_size=256, updates_per_step=1,
-        eval_every=10**9, log_every=500, checkpoint_every=10**9, progress_refresh_s=0,
+        ENV_ID,
+        prior=UniformPrior(),
+        engine=Direct(hidden=(256, 256)),
+        value=TwinQ(hidden=(256, 256)),
+        seed=seed,
+        total_env_steps=warmup + steps,
+        warmup_steps=warmup,
+        batch_size=256,
+        updates_per_step=1,
+        eval_every=10**9,
+        log_every=500,
+        checkpoint_every=10**9,
+        progress_refresh_s=0,
         eval_episodes=1,
     )
     agent.run_evaluation = lambda: float("nan")  # time training only, as for SB3
     timer = _Timer(warmup + 1, warmup + steps)
     with tempfile.TemporaryDirectory() as tmp:
         logger = MLflowTracker(experiment_name="throughput", tracking_uri=f"sqlite:///{tmp}/m.db")
-        trainer = L.Trainer(logger=logger, callbacks=[timer], max_epochs=-1,
-                            enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, default_root_dir=tmp,
-                            accelerator="cpu", num_sanity_val_steps=0)
+        trainer = L.Trainer(
+            logger=logger,
+            callbacks=[timer],
+            max_epochs=-1,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp,
+            accelerator="cpu",
+            num_sanity_val_steps=0,
+        )
         trainer.fit(agent)
     return timer.rate
 
@@ -73,9 +89,18 @@ def sb3_rate(warmup: int, steps: int, seed: int) -> float:
             return True
 
     timer = Timer()
-    model = SAC("MlpPolicy", gym.make(ENV_ID), batch_size=256, learning_starts=warmup,
-                train_freq=1, gradient_steps=1, policy_kwargs={"net_arch": [256, 256]},
-                device="cpu", seed=seed, verbose=0)
+    model = SAC(
+        "MlpPolicy",
+        gym.make(ENV_ID),
+        batch_size=256,
+        learning_starts=warmup,
+        train_freq=1,
+        gradient_steps=1,
+        policy_kwargs={"net_arch": [256, 256]},
+        device="cpu",
+        seed=seed,
+        verbose=0,
+    )
     model.learn(warmup + steps, callback=timer)
     return timer.rate
 

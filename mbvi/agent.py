@@ -25,12 +25,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from mbvi.callbacks import EnvStepCheckpoint, EnvStepProgress
+from mbvi.errors import ConfigError, NonFiniteError
 from mbvi.objectives import Objective, alpha_loss, soft_td_target
 from mbvi.planners.base import InferenceEngine
 from mbvi.planners.direct import Direct
 from mbvi.priors import Prior, UniformPrior
 from mbvi.replay import ReplayBuffer
-from mbvi.errors import ConfigError, NonFiniteError
 from mbvi.rollout import EnvRunner, evaluate
 from mbvi.values import TwinQ, ValueEstimate
 
@@ -125,9 +125,13 @@ class VariationalAgent(L.LightningModule):
         super().__init__()
         if init_alpha <= 0:
             raise ConfigError(f"init_alpha must be > 0, got {init_alpha}")
-        for name, v in [("total_env_steps", total_env_steps), ("batch_size", batch_size),
-                        ("eval_every", eval_every), ("log_every", log_every),
-                        ("checkpoint_every", checkpoint_every)]:
+        for name, v in [
+            ("total_env_steps", total_env_steps),
+            ("batch_size", batch_size),
+            ("eval_every", eval_every),
+            ("log_every", log_every),
+            ("checkpoint_every", checkpoint_every),
+        ]:
             if v < 1:
                 raise ConfigError(f"{name} must be >= 1, got {v}")
         self.save_hyperparameters(ignore=["prior", "engine", "value"])
@@ -144,8 +148,9 @@ class VariationalAgent(L.LightningModule):
             part.build(obs_dim, act_dim)
         self.engine.check_prior(self.prior)
         self.log_alpha = torch.nn.Parameter(torch.tensor(math.log(init_alpha)))
-        kl_per_dim = (target_kl_per_dim if target_kl_per_dim is not None
-                      else self.prior.default_kl_target())
+        kl_per_dim = (
+            target_kl_per_dim if target_kl_per_dim is not None else self.prior.default_kl_target()
+        )
         self.kl_target = kl_per_dim * act_dim
 
         self.env_steps = 0
@@ -184,8 +189,9 @@ class VariationalAgent(L.LightningModule):
         if self.buffer is None:
             hp = self.hparams
             capacity = min(hp.buffer_size, hp.total_env_steps)
-            self.buffer = ReplayBuffer(capacity, self.runner.obs_dim, self.runner.act_dim,
-                                       self.device, seed=hp.seed)
+            self.buffer = ReplayBuffer(
+                capacity, self.runner.obs_dim, self.runner.act_dim, self.device, seed=hp.seed
+            )
 
     def on_fit_start(self) -> None:
         if self._pending_rng is not None:
@@ -326,8 +332,9 @@ class VariationalAgent(L.LightningModule):
     @torch.no_grad()
     def run_evaluation(self) -> float:
         """Mean return of ``eval_episodes`` mean-action episodes; logged as eval/return."""
-        returns = evaluate(self.eval_runner, partial(self._policy, deterministic=True),
-                           self.hparams.eval_episodes)
+        returns = evaluate(
+            self.eval_runner, partial(self._policy, deterministic=True), self.hparams.eval_episodes
+        )
         mean = float(np.mean(returns))
         self._log({"eval/return": mean, "eval/return_std": float(np.std(returns))})
         self.last_eval_return = mean

@@ -72,8 +72,14 @@ class EnvStepProgress(L.Callback):
 
     def on_train_start(self, trainer, agent) -> None:
         total = agent.hparams.total_env_steps
-        self.bar = tqdm(total=total, initial=agent.env_steps, unit="step", dynamic_ncols=True,
-                        desc=agent.hparams.env_id, mininterval=self.refresh_s)
+        self.bar = tqdm(
+            total=total,
+            initial=agent.env_steps,
+            unit="step",
+            dynamic_ncols=True,
+            desc=agent.hparams.env_id,
+            mininterval=self.refresh_s,
+        )
         self._last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, agent, outputs, batch, batch_idx) -> None:

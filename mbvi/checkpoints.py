@@ -50,11 +50,13 @@ def validate_checkpoint(path: str | Path, agent) -> None:
     ]
     if missing or unexpected or mismatched:
         detail = "; ".join(
-            part for part in [
+            part
+            for part in [
                 f"missing {missing[:5]}" if missing else "",
                 f"unexpected {unexpected[:5]}" if unexpected else "",
                 f"shape mismatch {mismatched[:5]}" if mismatched else "",
-            ] if part
+            ]
+            if part
         )
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not match the configured agent ({detail}). "

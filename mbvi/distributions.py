@@ -84,7 +84,9 @@ class TanhGaussian:
             device=self.loc.device,
         )
         u = self.loc.unsqueeze(-2) + self.log_scale.exp().unsqueeze(-2) * eps
-        log_gauss = (-0.5 * eps.pow(2) - _HALF_LOG_2PI).sum(-1) - self.log_scale.sum(-1, keepdim=True)
+        log_gauss = (-0.5 * eps.pow(2) - _HALF_LOG_2PI).sum(-1) - self.log_scale.sum(
+            -1, keepdim=True
+        )
         return torch.tanh(u), u, log_gauss - tanh_log_det(u)
 
     def log_prob_u(self, u: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ import difflib
 import gymnasium as gym
 import numpy as np
 
-
 from mbvi.errors import EnvError
 
 
@@ -35,7 +34,10 @@ def make_env(env_id: str, seed: int | None = None) -> gym.Env:
             f"env {env_id!r} has a {type(env.action_space).__name__} action space; mbvi needs "
             "continuous Box actions (tanh-Gaussian posteriors live on [-1, 1]^A)."
         )
-    if not isinstance(env.observation_space, gym.spaces.Box) or len(env.observation_space.shape) != 1:
+    if (
+        not isinstance(env.observation_space, gym.spaces.Box)
+        or len(env.observation_space.shape) != 1
+    ):
         env.close()
         raise EnvError(
             f"env {env_id!r} has observation space {env.observation_space}; mbvi needs a flat "
@@ -52,7 +54,9 @@ class ActionScaler:
     def __init__(self, space: gym.spaces.Box):
         low, high = space.low.astype(np.float64), space.high.astype(np.float64)
         if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
-            raise EnvError(f"action space {space} has unbounded dimensions; mbvi needs finite bounds")
+            raise EnvError(
+                f"action space {space} has unbounded dimensions; mbvi needs finite bounds"
+            )
         self.center, self.half = (high + low) / 2.0, (high - low) / 2.0
         self.dtype = space.dtype
 

@@ -68,6 +68,6 @@ class ReplayBuffer:
         n = len(state["rew"])
         keep = min(n, self.capacity)  # a smaller buffer keeps the newest transitions
         for f in self.FIELDS:
-            getattr(self, f)[:keep] = state[f][n - keep:].to(self.device)
+            getattr(self, f)[:keep] = state[f][n - keep :].to(self.device)
         self.size, self.pos = keep, keep % self.capacity
         self.generator.set_state(state["generator"])

@@ -18,8 +18,6 @@ from mbvi.errors import NonFiniteError
 Policy = Callable[[np.ndarray], np.ndarray]
 
 
-
-
 @dataclass
 class Transition:
     obs: np.ndarray

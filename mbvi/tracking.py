@@ -21,8 +21,6 @@ from mbvi.errors import TrackingError
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
-
-
 def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 

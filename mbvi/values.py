@@ -79,6 +79,4 @@ class TwinQ(ValueEstimate):
 
     @torch.no_grad()
     def update_target(self) -> None:
-        torch._foreach_lerp_(
-            list(self.q_target.parameters()), list(self.q.parameters()), self.tau
-        )
+        torch._foreach_lerp_(list(self.q_target.parameters()), list(self.q.parameters()), self.tau)

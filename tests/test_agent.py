@@ -13,9 +13,17 @@ from mbvi.errors import EnvError
 from mbvi.planners import Direct
 from mbvi.rollout import EnvRunner
 
-TINY = dict(total_env_steps=300, warmup_steps=100, batch_size=32, buffer_size=1000,
-            eval_every=10_000, eval_episodes=1, log_every=50, checkpoint_every=100,
-            progress_refresh_s=0)
+TINY = dict(
+    total_env_steps=300,
+    warmup_steps=100,
+    batch_size=32,
+    buffer_size=1000,
+    eval_every=10_000,
+    eval_episodes=1,
+    log_every=50,
+    checkpoint_every=100,
+    progress_refresh_s=0,
+)
 
 
 class NaNAfter(gym.Wrapper):
@@ -37,15 +45,25 @@ gym.register("NaNPendulum-v0", entry_point=NaNAfter)
 
 
 def tiny_agent(env_id="Pendulum-v1", **overrides):
-    return VariationalAgent(env_id, engine=Direct(hidden=(32, 32)), value=TwinQ(hidden=(32, 32)),
-                            **{**TINY, **overrides})
+    return VariationalAgent(
+        env_id,
+        engine=Direct(hidden=(32, 32)),
+        value=TwinQ(hidden=(32, 32)),
+        **{**TINY, **overrides},
+    )
 
 
 def fit(agent, workdir):
     logger = MLflowTracker(experiment_name="t", tracking_uri=f"sqlite:///{workdir}/mlflow.db")
-    trainer = L.Trainer(logger=logger, max_epochs=-1, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=str(workdir), accelerator="cpu")
+    trainer = L.Trainer(
+        logger=logger,
+        max_epochs=-1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(workdir),
+        accelerator="cpu",
+    )
     trainer.fit(agent)
     return trainer, logger
 
@@ -82,7 +100,9 @@ def test_actions_are_rescaled_to_the_env_bounds():
 
 def test_nan_observation_stops_with_a_message_and_keeps_the_last_checkpoint(workdir):
     agent = tiny_agent("NaNPendulum-v0")
-    with pytest.raises(NonFiniteError, match=r"observation from env 'NaNPendulum-v0' is NaN or Inf at env step 150"):
+    with pytest.raises(
+        NonFiniteError, match=r"observation from env 'NaNPendulum-v0' is NaN or Inf at env step 150"
+    ):
         fit(agent, workdir)
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
@@ -100,7 +120,9 @@ def test_nan_loss_stops_naming_the_loss(workdir, monkeypatch):
         return loss * float("nan"), metrics
 
     monkeypatch.setattr(agent.value, "loss", poisoned)
-    with pytest.raises(NonFiniteError, match=r"loss/value became NaN or Inf by env step 10[0-9]; training stopped"):
+    with pytest.raises(
+        NonFiniteError, match=r"loss/value became NaN or Inf by env step 10[0-9]; training stopped"
+    ):
         fit(agent, workdir)
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
@@ -114,10 +136,17 @@ def test_same_seed_gives_the_same_metrics(workdir):
         d.mkdir()
         _, logger = fit(tiny_agent(total_env_steps=2000, warmup_steps=500, eval_every=1000), d)
         client = MlflowClient(f"sqlite:///{d}/mlflow.db")
-        histories.append({
-            key: [(m.step, m.value) for m in client.get_metric_history(logger.run_id, key)]
-            for key in ["loss/value", "loss/engine", "train/alpha", "train/episode_return",
-                        "eval/return"]
-        })
+        histories.append(
+            {
+                key: [(m.step, m.value) for m in client.get_metric_history(logger.run_id, key)]
+                for key in [
+                    "loss/value",
+                    "loss/engine",
+                    "train/alpha",
+                    "train/episode_return",
+                    "eval/return",
+                ]
+            }
+        )
     assert histories[0]["eval/return"][-1][0] == 2000
     assert histories[0] == histories[1]

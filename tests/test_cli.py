@@ -16,7 +16,11 @@ TINY = str(CONFIGS / "pendulum" / "tiny.yaml")
 def run_mbvi(cwd, *args, timeout=300):
     return subprocess.run(
         [MBVI, "fit", "--config", TINY, *args],
-        cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -46,12 +50,21 @@ def test_fit_records_params_metrics_artifacts_and_status(trained):
     assert (p["prior"], p["engine"], p["value"]) == ("UniformPrior", "Direct", "TwinQ")
     assert (p["env_id"], p["seed"], p["batch_size"]) == ("Pendulum-v1", "0", "32")
     assert p["engine.hidden"] == "(32, 32)"
-    for key in ["train/episode_return", "eval/return", "perf/env_steps_per_s",
-                "loss/value", "loss/engine", "train/alpha", "train/kl"]:
+    for key in [
+        "train/episode_return",
+        "eval/return",
+        "perf/env_steps_per_s",
+        "loss/value",
+        "loss/engine",
+        "train/alpha",
+        "train/kl",
+    ]:
         assert key in run.data.metrics, key
     eval_steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval/return")]
     assert eval_steps == [200, 300]
-    episode_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/episode_return")]
+    episode_steps = [
+        m.step for m in client.get_metric_history(run.info.run_id, "train/episode_return")
+    ]
     assert episode_steps == [200]  # Pendulum's 200-step time limit
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "checkpoints"} <= artifacts
@@ -64,12 +77,23 @@ def test_fit_records_params_metrics_artifacts_and_status(trained):
 def test_help_documents_every_hyperparameter():
     out = subprocess.run([MBVI, "fit", "--help"], capture_output=True, text=True, env=cli_env())
     assert out.returncode == 0
-    for option in ["--model.total_env_steps", "--model.updates_per_step", "--model.prior",
-                   "--model.engine", "--model.value", "--model.target_kl_per_dim", "--ckpt_path"]:
+    for option in [
+        "--model.total_env_steps",
+        "--model.updates_per_step",
+        "--model.prior",
+        "--model.engine",
+        "--model.value",
+        "--model.target_kl_per_dim",
+        "--ckpt_path",
+    ]:
         assert option in out.stdout, option
     assert "training budget in environment steps" in out.stdout
-    printed = subprocess.run([MBVI, "fit", "--config", TINY, "--print_config"],
-                             capture_output=True, text=True, env=cli_env())
+    printed = subprocess.run(
+        [MBVI, "fit", "--config", TINY, "--print_config"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+    )
     assert "class_path: mbvi.planners.Direct" in printed.stdout
     assert "tau: 0.005" in printed.stdout  # defaults of the chosen components show too
 
@@ -94,13 +118,21 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model.env_id", "Pendulm-v1"], "env 'Pendulm-v1' is not registered with gymnasium. Did you mean 'Pendulum-v1'"),
-        (["--model.env_id", "CartPole-v1"], "has a Discrete action space; mbvi needs continuous Box actions"),
+        (
+            ["--model.env_id", "Pendulm-v1"],
+            "env 'Pendulm-v1' is not registered with gymnasium. Did you mean 'Pendulum-v1'",
+        ),
+        (
+            ["--model.env_id", "CartPole-v1"],
+            "has a Discrete action space; mbvi needs continuous Box actions",
+        ),
         (["--model.bogus", "1"], "bogus"),
         (["--model.batch_size", "abc"], "batch_size"),
         (["--model.init_alpha", "0"], "init_alpha must be > 0"),
-        (["--trainer.logger.init_args.tracking_uri", "http://127.0.0.1:9"],
-         "cannot use the MLflow tracking URI 'http://127.0.0.1:9'"),
+        (
+            ["--trainer.logger.init_args.tracking_uri", "http://127.0.0.1:9"],
+            "cannot use the MLflow tracking URI 'http://127.0.0.1:9'",
+        ),
         (["--ckpt_path", "nowhere/last.ckpt"], "checkpoint 'nowhere/last.ckpt' does not exist"),
     ],
 )
@@ -124,14 +156,29 @@ def test_checkpoint_from_another_env_is_rejected(trained, workdir):
     _, _, _, ckpt = trained
     proc = run_mbvi(workdir, "--model.env_id", "MountainCarContinuous-v0", "--ckpt_path", str(ckpt))
     assert proc.returncode == 2
-    assert "is from env 'Pendulum-v1' but this run is configured for 'MountainCarContinuous-v0'" in proc.stderr
+    assert (
+        "is from env 'Pendulum-v1' but this run is configured for 'MountainCarContinuous-v0'"
+        in proc.stderr
+    )
 
 
 def test_ctrl_c_writes_a_checkpoint_and_marks_the_run_killed(workdir):
     proc = subprocess.Popen(
-        [MBVI, "fit", "--config", TINY, "--model.total_env_steps", "1000000",
-         "--model.buffer_size", "5000"],
-        cwd=workdir, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            MBVI,
+            "fit",
+            "--config",
+            TINY,
+            "--model.total_env_steps",
+            "1000000",
+            "--model.buffer_size",
+            "5000",
+        ],
+        cwd=workdir,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.time() + 120
     try:

@@ -22,7 +22,7 @@ def test_log_prob_matches_change_of_variables():
     a, u = d.rsample(7)
     ours = d.log_prob_u(u)
     base = Normal(d.loc.unsqueeze(1), d.log_scale.exp().unsqueeze(1))
-    reference = (base.log_prob(u) - torch.log1p(-torch.tanh(u) ** 2)).sum(-1)
+    reference = (base.log_prob(u) - torch.log1p(-(torch.tanh(u) ** 2))).sum(-1)
     torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
     torch_ref = TransformedDistribution(base, TanhTransform()).log_prob(a).sum(-1)
     torch.testing.assert_close(ours, torch_ref, rtol=1e-6, atol=1e-6)
@@ -35,8 +35,9 @@ def test_log_prob_from_actions_inverts_tanh():
 
 
 def test_density_integrates_to_one_in_1d():
-    d = TanhGaussian(torch.tensor([[0.7]], dtype=torch.float64),
-                     torch.tensor([[-0.3]], dtype=torch.float64))
+    d = TanhGaussian(
+        torch.tensor([[0.7]], dtype=torch.float64), torch.tensor([[-0.3]], dtype=torch.float64)
+    )
     a = torch.linspace(-1 + 1e-9, 1 - 1e-9, 200_001, dtype=torch.float64)
     p = d.log_prob(a.view(1, -1, 1)).exp().squeeze()
     assert torch.trapezoid(p, a).item() == pytest.approx(1.0, abs=1e-4)

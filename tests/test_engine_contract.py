@@ -18,8 +18,9 @@ def quadratic_value(s, a):
 
 ENGINES = {
     "direct": lambda: Direct(hidden=(16, 16)),
-    "iterative": lambda: Iterative(hidden=(16, 16), iterations=2, n_samples=8, init_loc=0.0,
-                                   init_log_scale=0.0),
+    "iterative": lambda: Iterative(
+        hidden=(16, 16), iterations=2, n_samples=8, init_loc=0.0, init_log_scale=0.0
+    ),
     "gradient": lambda: GradientRefinement(steps=5, n_samples=8, init_loc=0.0, init_log_scale=0.0),
 }
 

@@ -11,10 +11,23 @@ THRESHOLD = -400.0  # random and broken policies score about −1200 to −1500
 
 def test_sac_learns_pendulum(workdir):
     proc = subprocess.run(
-        [MBVI, "fit", "--config", str(CONFIGS / "pendulum" / "sac.yaml"),
-         "--model.total_env_steps", "5000", "--model.eval_every", "5000",
-         "--model.progress_refresh_s", "0"],
-        cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=900,
+        [
+            MBVI,
+            "fit",
+            "--config",
+            str(CONFIGS / "pendulum" / "sac.yaml"),
+            "--model.total_env_steps",
+            "5000",
+            "--model.eval_every",
+            "5000",
+            "--model.progress_refresh_s",
+            "0",
+        ],
+        cwd=workdir,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")

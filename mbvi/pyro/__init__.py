@@ -1,0 +1,30 @@
+"""The optimality graphical model (paper Fig. 1a) in Pyro, its plain-torch twin, and
+planning under priors written as Pyro programs.
+
+    model = OptimalityModel(prior, leaf_value=q, alpha=0.2, horizon=3,
+                            dynamics=f, reward_fn=r, n_particles=16)
+    model(states)                                  # the Pyro program: a_t, r_t, leaf
+    guide = model.guide(posterior, policy)         # any engine's posterior as a guide
+    j_sum = model.elbo(guide, states)              # α·ELBO = Σ_b J(s_b), Trace_ELBO
+    j, metrics = native_objective(model, states, posterior, policy)   # same, [B], fast
+    plan = importance_plan(model, states)          # Eq. 11 weighted particles
+
+``native_objective`` is the hot path; the Pyro model is the reference and the way to
+compose user programs (a custom prior, a stochastic dynamics model).
+"""
+
+from mbvi.pyro.importance import WeightedParticles, importance_plan
+from mbvi.pyro.model import OptimalityModel, optimality_model
+from mbvi.pyro.native import native_objective
+from mbvi.pyro.sites import ACTION, ClosedUniform, tanh_normal
+
+__all__ = [
+    "ACTION",
+    "ClosedUniform",
+    "OptimalityModel",
+    "WeightedParticles",
+    "importance_plan",
+    "native_objective",
+    "optimality_model",
+    "tanh_normal",
+]
