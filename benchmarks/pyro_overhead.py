@@ -1,0 +1,120 @@
+"""Cost of the Pyro optimality model against its plain-torch twin (DESIGN §3 "Pyro").
+
+Times one objective evaluation plus its gradient w.r.t. the guide (policy) parameters
+for ``OptimalityModel.elbo`` (Trace_ELBO) and ``native_objective`` on the same model:
+H = 5 steps of a small MLP dynamics model, a quadratic reward, an MLP leaf Q̂ and the
+paper's constant tanh-Gaussian prior, at an update-sized batch (256 states × 16
+particles) and an act-sized batch (1 state × 16 particles).  Medians over repeats,
+torch's default thread count.  The last line is machine-readable:
+
+    pyro_overhead update_pyro_ms=… update_native_ms=… update_speedup=… act_pyro_ms=… …
+
+    python benchmarks/pyro_overhead.py [--repeats 30] [--threads 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import pyro
+import torch
+
+from mbvi.distributions import TanhGaussian
+from mbvi.models.mlp import mlp
+from mbvi.models.policy import GaussianHead
+from mbvi.priors import ConstantTanhGaussianPrior
+from mbvi.pyro import OptimalityModel, native_objective
+
+OBS_DIM, ACT_DIM, HIDDEN, HORIZON, PARTICLES, ALPHA = 17, 6, (64, 64), 5, 16, 0.2
+
+
+def build_world(seed: int = 0):
+    """A fixed small world: MLP dynamics, quadratic reward, MLP leaf Q̂, MLP policy."""
+    torch.manual_seed(seed)
+    dyn_net, q_net = mlp(OBS_DIM + ACT_DIM, HIDDEN, OBS_DIM), mlp(OBS_DIM + ACT_DIM, HIDDEN, 1)
+    dyn_net.requires_grad_(False)
+    q_net.requires_grad_(False)
+    policy_net = GaussianHead(OBS_DIM, ACT_DIM, HIDDEN)
+
+    def dynamics(s, a):
+        return s + 0.1 * dyn_net(torch.cat([s, a], -1))
+
+    def reward(s, a):
+        return -0.1 * s.square().sum(-1) - 0.1 * a.square().sum(-1)
+
+    def leaf(s, a):
+        s = s.unsqueeze(1).expand(-1, a.shape[1], -1)
+        return q_net(torch.cat([s, a], -1)).squeeze(-1)
+
+    prior = ConstantTanhGaussianPrior()
+    prior.build(OBS_DIM, ACT_DIM)
+    model = OptimalityModel(prior, leaf, ALPHA, HORIZON, PARTICLES, dynamics, reward)
+    return model, policy_net
+
+
+def _interleaved_medians_ms(steps, repeats: int, warmup: int = 3) -> list[float]:
+    """Median wall time of each step in ms, the steps alternating within every repeat
+    so that both see the same load on a shared machine."""
+    for _ in range(warmup):
+        for step in steps:
+            step()
+    times = [[] for _ in steps]
+    for _ in range(repeats):
+        for step, record in zip(steps, times, strict=True):
+            start = time.perf_counter()
+            step()
+            record.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(record) for record in times]
+
+
+def time_pair(model, policy_net, n_states: int, repeats: int) -> tuple[float, float]:
+    """(Pyro ms, native ms) for objective + gradient at ``n_states`` × N particles."""
+    states = torch.randn(n_states, OBS_DIM)
+    params = list(policy_net.parameters())
+
+    def policy(s):
+        return TanhGaussian(*policy_net(s))
+
+    guide = model.guide(policy=policy)
+
+    def pyro_step():
+        torch.autograd.grad(model.elbo(guide, states), params)
+
+    def native_step():
+        j, _ = native_objective(model, states, policy=policy)
+        torch.autograd.grad(j.sum(), params)
+
+    pyro_ms, native_ms = _interleaved_medians_ms([pyro_step, native_step], repeats)
+    return pyro_ms, native_ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=0, help="0 keeps torch's default")
+    args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    model, policy_net = build_world()
+    print(f"threads={torch.get_num_threads()} H={HORIZON} N={PARTICLES} A={ACT_DIM} S={OBS_DIM}")
+    pyro.enable_validation(False)  # informative only: Pyro without its runtime checks
+    update = time_pair(model, policy_net, 256, args.repeats)
+    act = time_pair(model, policy_net, 1, 3 * args.repeats)
+    print(
+        f"pyro_no_validation update_speedup={update[0] / update[1]:.3g} "
+        f"act_speedup={act[0] / act[1]:.3g}"
+    )
+    pyro.enable_validation(True)  # Pyro's default under `python` (__debug__)
+    update_pyro, update_native = time_pair(model, policy_net, 256, args.repeats)
+    act_pyro, act_native = time_pair(model, policy_net, 1, 3 * args.repeats)
+    print(
+        f"pyro_overhead update_pyro_ms={update_pyro:.3g} update_native_ms={update_native:.3g} "
+        f"update_speedup={update_pyro / update_native:.3g} act_pyro_ms={act_pyro:.3g} "
+        f"act_native_ms={act_native:.3g} act_speedup={act_pyro / act_native:.3g}"
+    )
+
+
+if __name__ == "__main__":
+    main()
