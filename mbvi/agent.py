@@ -25,10 +25,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from mbvi.callbacks import EnvStepCheckpoint, EnvStepProgress
+from mbvi.diagnostics import amortisation_gap
 from mbvi.errors import ConfigError, NonFiniteError
 from mbvi.objectives import Objective, alpha_loss, soft_td_target
 from mbvi.planners.base import InferenceEngine
 from mbvi.planners.direct import Direct
+from mbvi.planners.gradient import GradientRefinement
 from mbvi.priors import Prior, UniformPrior
 from mbvi.replay import ReplayBuffer
 from mbvi.rollout import EnvRunner, evaluate
@@ -94,6 +96,10 @@ class VariationalAgent(L.LightningModule):
         checkpoint_every: env steps between checkpoints (a final one is always written).
         checkpoint_dir: folder of checkpoints, one subfolder per MLflow run.
         progress_refresh_s: seconds between progress-bar refreshes; 0 hides the bar.
+        gap_every: env steps between measurements of the amortisation gap (J̃ after
+            per-state gradient refinement minus J̃ of the engine, logged as
+            ``inference/amortisation_gap``); 0 turns it off.
+        gap_states: replay states the gap is measured on.
     """
 
     def __init__(
@@ -121,6 +127,8 @@ class VariationalAgent(L.LightningModule):
         checkpoint_every: int = 10_000,
         checkpoint_dir: str = "checkpoints",
         progress_refresh_s: float = 1.0,
+        gap_every: int = 0,
+        gap_states: int = 64,
     ):
         super().__init__()
         if init_alpha <= 0:
@@ -160,6 +168,7 @@ class VariationalAgent(L.LightningModule):
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_count = 0
         self._pending_rng: dict | None = None
+        self._refiner: GradientRefinement | None = None  # built on first use
         self._clock = (time.perf_counter(), 0)
 
     # ---- Lightning plumbing -------------------------------------------------------
@@ -220,6 +229,8 @@ class VariationalAgent(L.LightningModule):
             self._flush_metrics()
         if self.env_steps % hp.eval_every == 0 or self.env_steps >= hp.total_env_steps:
             self.run_evaluation()
+        if hp.gap_every and self.env_steps % hp.gap_every == 0 and self.env_steps > hp.warmup_steps:
+            self.measure_amortisation_gap()
         if self.env_steps >= hp.total_env_steps:
             self.trainer.should_stop = True
 
@@ -339,6 +350,17 @@ class VariationalAgent(L.LightningModule):
         self._log({"eval/return": mean, "eval/return_std": float(np.std(returns))})
         self.last_eval_return = mean
         return mean
+
+    def measure_amortisation_gap(self) -> dict[str, float]:
+        """Log the amortisation gap of the engine on ``gap_states`` replay states."""
+        if self._refiner is None:
+            self._refiner = GradientRefinement(init_loc=0.0, init_log_scale=0.0)
+            self._refiner.build(self.runner.obs_dim, self.runner.act_dim)
+        s = self.buffer.sample(self.hparams.gap_states)[0]
+        objective = Objective(s, partial(self.value, frozen=True), self.prior, self.alpha)
+        metrics = amortisation_gap(self.engine, self._refiner, s, objective)
+        self._log(metrics)
+        return metrics
 
     # ---- checkpoint state beyond the state_dict -------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -150,3 +150,11 @@ def test_same_seed_gives_the_same_metrics(workdir):
         )
     assert histories[0]["eval/return"][-1][0] == 2000
     assert histories[0] == histories[1]
+
+
+def test_amortisation_gap_is_logged(workdir):
+    agent = tiny_agent(total_env_steps=200, gap_every=200, gap_states=16)
+    _, logger = fit(agent, workdir)
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    (gap,) = client.get_metric_history(logger.run_id, "inference/amortisation_gap")
+    assert gap.step == 200 and gap.value > -0.5  # refinement starts from the engine's answer
