@@ -85,6 +85,7 @@ class VariationalAgent(L.LightningModule):
         value_lr: Adam learning rate of the value estimate.
         engine_lr: Adam learning rate of the inference network.
         alpha_lr: Adam learning rate of log α.
+        prior_lr: Adam learning rate of a learned prior's parameters.
         init_alpha: initial temperature α (> 0).
         autotune_alpha: tune α so that KL(π‖p) tracks ``target_kl_per_dim`` · A.
         target_kl_per_dim: KL target per action dimension; None takes the prior's
@@ -117,6 +118,7 @@ class VariationalAgent(L.LightningModule):
         value_lr: float = 3e-4,
         engine_lr: float = 3e-4,
         alpha_lr: float = 3e-4,
+        prior_lr: float = 3e-4,
         init_alpha: float = 1.0,
         autotune_alpha: bool = True,
         target_kl_per_dim: float | None = None,
@@ -187,6 +189,7 @@ class VariationalAgent(L.LightningModule):
             {"params": list(self.value.parameters()), "lr": hp.value_lr},
             {"params": list(self.engine.parameters()), "lr": hp.engine_lr},
             {"params": [self.log_alpha], "lr": hp.alpha_lr if hp.autotune_alpha else 0.0},
+            {"params": [p for p in self.prior.parameters() if p.requires_grad], "lr": hp.prior_lr},
         ]
         fused = all(p.is_floating_point() for g in groups for p in g["params"])
         return torch.optim.Adam([g for g in groups if g["params"]], fused=fused)
@@ -287,17 +290,26 @@ class VariationalAgent(L.LightningModule):
         objective = Objective(s, partial(self.value, frozen=True), self.prior, alpha)
         engine_loss, engine_metrics = self.engine.loss(s, objective)
 
+        # Prior (M-step, learned priors only): fit p_θ to the posterior (Eq. 7).
+        prior_loss, prior_metrics = 0.0, {}
+        if self.prior.learnable:
+            with torch.set_grad_enabled(self.engine.needs_objective_gradients):
+                posterior = self.engine.infer(s, objective).detach()
+            prior_loss, prior_metrics = self.prior.loss(s, posterior)
+
         # Temperature: keep KL(π‖p) at its target.
         kl = engine_metrics["kl"]
         a_loss = alpha_loss(self.log_alpha, kl, self.kl_target)
 
         opt.zero_grad(set_to_none=True)
-        self.manual_backward(value_loss + engine_loss + a_loss)
+        self.manual_backward(value_loss + engine_loss + a_loss + prior_loss)
         opt.step()
         self.value.update_target()
+        self.prior.update_target()
         return {
             # Scalar engine diagnostics, e.g. J̃ per inference iteration (Fig. 2).
             **{f"engine/{k}": v for k, v in engine_metrics.items() if v.dim() == 0},
+            **{f"prior/{k}": v for k, v in prior_metrics.items() if v.dim() == 0},
             "loss/value": value_loss.detach(),
             "loss/engine": engine_loss.detach(),
             "train/alpha": alpha,

@@ -40,8 +40,22 @@ class Prior(nn.Module):
         return dist.log_prob_u(u)
 
     def default_kl_target(self) -> float:
-        """KL(π‖p) per action dimension that α is tuned towards (see ``mbvi.alpha``)."""
+        """KL(π‖p) per action dimension that α is tuned towards (``objectives.alpha_loss``)."""
         return 1.0
+
+    # ---- M-step hooks: fixed priors keep these defaults -------------------------------
+    learnable: bool = False
+    """True when the prior has parameters fitted in the M-step (then ``loss`` is called)."""
+
+    def loss(
+        self, s: torch.Tensor, posterior: TanhGaussian
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """M-step loss for θ given the (detached) posterior at states ``s`` [B,S]:
+        maximising J w.r.t. θ is minimising E_s[KL(π(·|s,O) ‖ p_θ(·|s))] (Eq. 7)."""
+        raise NotImplementedError(f"{type(self).__name__} has no parameters to learn")
+
+    def update_target(self) -> None:
+        """Called after every optimizer step (e.g. a Polyak-averaged target copy)."""
 
 
 class UniformPrior(Prior):
