@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import mlflow
 from lightning.pytorch.loggers import MLFlowLogger
@@ -42,7 +43,7 @@ class MLflowTracker(MLFlowLogger):
         tracking_uri: str | None = None,
         tags: dict[str, str] | None = None,
     ):
-        super().__init__(
+        kwargs = dict(
             experiment_name=experiment_name,
             run_name=run_name,
             tracking_uri=resolve_tracking_uri(tracking_uri),
@@ -50,6 +51,16 @@ class MLflowTracker(MLFlowLogger):
             log_model=False,
             synchronous=False,
         )
+        # Runs started together (one per seed) race to create a new SQLite store's
+        # tables; the loser sees "table ... already exists" and succeeds on a retry.
+        for attempt in range(5):
+            try:
+                super().__init__(**kwargs)
+                break
+            except Exception:
+                if attempt == 4:
+                    raise
+                time.sleep(1.0 + attempt)
         self._killed = False
 
     def check_reachable(self) -> None:
