@@ -161,6 +161,12 @@ class VariationalAgent(L.LightningModule):
         kl_per_dim = (
             target_kl_per_dim if target_kl_per_dim is not None else self.prior.default_kl_target()
         )
+        if not kl_per_dim > 0:
+            raise ConfigError(
+                f"the KL target per action dimension must be > 0 (a KL is never negative and "
+                f"reaches 0 only when the posterior equals the prior), got {kl_per_dim}; set "
+                "--model.target_kl_per_dim to a positive value or leave it unset."
+            )
         self.kl_target = kl_per_dim * act_dim
 
         self.env_steps = 0

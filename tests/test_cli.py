@@ -129,6 +129,7 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
         (["--model.bogus", "1"], "bogus"),
         (["--model.batch_size", "abc"], "batch_size"),
         (["--model.init_alpha", "0"], "init_alpha must be > 0"),
+        (["--model.target_kl_per_dim", "-1"], "the KL target per action dimension must be > 0"),
         (
             ["--trainer.logger.init_args.tracking_uri", "http://127.0.0.1:9"],
             "cannot use the MLflow tracking URI 'http://127.0.0.1:9'",
