@@ -68,6 +68,11 @@ class MbviCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``mbvi`` console script."""
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "compare":  # table and plots from MLflow, not a LightningCLI command
+        from mbvi.compare import main as compare_main
+
+        sys.exit(compare_main(argv[1:]))
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
     try:

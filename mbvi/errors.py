@@ -24,5 +24,9 @@ class CheckpointError(MbviError, ValueError):
     """A checkpoint that cannot be resumed from."""
 
 
+class ComparisonError(MbviError, ValueError):
+    """An MLflow experiment or runs that ``mbvi compare`` cannot compare."""
+
+
 class NonFiniteError(MbviError, FloatingPointError):
     """A NaN or Inf appeared in a loss, an observation or a reward."""

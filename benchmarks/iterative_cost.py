@@ -1,0 +1,176 @@
+"""Cost of one M-step update: direct (SAC) vs iterative amortised inference (Eq. 15).
+
+Times the agent's own ``VariationalAgent.update`` (replay sampling included) on
+HalfCheetah-v5 sizes (S = 17, A = 6), twin Q 2x256, inference networks 2x256:
+
+* ``direct``: ``Direct`` engine, ``UniformPrior``, batch 256 (SAC);
+* ``iterative_paper``: ``Iterative`` with K = 2, N = 200, ``ConstantTanhGaussianPrior``,
+  batch 128 (the paper's §4.1 setting);
+* ``iterative_cheap``: the same with N = 16;
+
+plus the machine's fp32 matmul peak (best GFLOP/s of 512² and 1024² matmuls), and
+``peak_fraction`` = (FLOPs of the paper-setting update / its median time) / peak.
+
+FLOP count (``update_flops``): matmul FLOPs only (2·rows·in·out per linear layer and
+pass; Adam, Polyak averaging, tanh, sampling and KL are elementwise and not counted).
+A backward pass costs one such product for the weight gradient (only where the weights
+are trained) plus one for the input gradient (skipped for a first layer whose input
+needs no gradient).  With q = twin Q (E = 2, 23→256→256→1), π = Direct's 17→256→256→12,
+f = Iterative's (17+4A)→256→256→4A network, B states, N samples, K iterations:
+
+    direct      next:   π fwd(B) + q fwd(B)                            (no grad)
+                value:  q fwd(B) + q bwd(B; weights, no first-input)
+                engine: π fwd(B) + q fwd(B) + q bwd(B; input only) + π bwd(B; weights)
+    iterative   ∇λJ̃ estimate g = q fwd(B) (differentiability probe)
+                                 + q fwd(B·N) + q bwd(B·N; input only)
+                next:   K·(g + f fwd(B)) + q fwd(B)                   (targets, at s')
+                value:  as direct
+                engine: K·(g + f fwd(B)) + q fwd(B)  (J̃_0)
+                        + K·(q fwd(B) + q bwd(B; input only))         (J̃_k, 1 sample)
+                        + f bwd(B; weights, no first-input)
+                        + (K−1)·f bwd(B; weights and input)           (λ_k feeds step k+1)
+
+At the paper's setting the 2·K gradient estimates over B·N = 25,600 actions are 98.9%
+of the 59.4 GFLOP; direct SAC is 0.58 GFLOP.  The first (untimed) update of each
+setting runs under ``torch.utils.flop_counter.FlopCounterMode`` and its count is
+printed next to the analytic one (they agree exactly for these three settings).
+
+    python benchmarks/iterative_cost.py [--repeats 5] [--threads 0]
+
+Last line:
+
+    iterative_cost direct_ms=<a> iterative_paper_ms=<b> iterative_cheap_ms=<c> peak_fraction=<f>
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mbvi import ConstantTanhGaussianPrior, TwinQ, UniformPrior, VariationalAgent
+from mbvi.planners import Direct, Iterative
+
+ENV_ID, OBS, ACT, HIDDEN, MEMBERS = "HalfCheetah-v5", 17, 6, (256, 256), 2
+FILL = 1000  # random warm-up transitions in the replay buffer
+
+
+class _Mlp:
+    """Matmul FLOPs of an MLP (``members`` copies) with layer sizes ``dims``."""
+
+    def __init__(self, dims: list[int], members: int = 1):
+        self.dims, self.members = dims, members
+
+    def fwd(self, rows: int) -> int:
+        return sum(2 * rows * i * o for i, o in zip(self.dims, self.dims[1:])) * self.members
+
+    def bwd(self, rows: int, weights: bool, first_input: bool) -> int:
+        first = 2 * rows * self.dims[0] * self.dims[1] * self.members
+        return (self.fwd(rows) if weights else 0) + self.fwd(rows) - (0 if first_input else first)
+
+
+def update_flops(engine: str, batch: int, n_samples: int = 0, iterations: int = 0) -> int:
+    """Matmul FLOPs of one ``update`` (see the module docstring)."""
+    q = _Mlp([OBS + ACT, *HIDDEN, 1], MEMBERS)
+    value = q.fwd(batch) + q.bwd(batch, weights=True, first_input=False)
+    if engine == "direct":
+        pi = _Mlp([OBS, *HIDDEN, 2 * ACT])
+        nxt = pi.fwd(batch) + q.fwd(batch)
+        eng = pi.fwd(batch) + q.fwd(batch) + q.bwd(batch, weights=False, first_input=True)
+        return nxt + value + eng + pi.bwd(batch, weights=True, first_input=False)
+    f, b, k = _Mlp([OBS + 4 * ACT, *HIDDEN, 4 * ACT]), batch, iterations
+    g = q.fwd(b) + q.fwd(b * n_samples) + q.bwd(b * n_samples, weights=False, first_input=True)
+    unroll = k * (g + f.fwd(b))
+    nxt = unroll + q.fwd(b)
+    eng = unroll + q.fwd(b) + k * (q.fwd(b) + q.bwd(b, weights=False, first_input=True))
+    eng += f.bwd(b, weights=True, first_input=False) + (k - 1) * f.bwd(b, True, True)
+    return nxt + value + eng
+
+
+def update_ms(agent: VariationalAgent, batch: int, repeats: int, warmup: int = 2):
+    """(median wall time in ms of ``agent.update`` on replay batches of ``batch``, matmul
+    FLOPs of one update counted by torch's FlopCounterMode during the first warm-up)."""
+    agent.setup("fit")
+    for _ in range(FILL):
+        agent._act_and_store()  # random actions: env_steps < warmup_steps
+    opt = agent.configure_optimizers()
+    agent.optimizers = lambda: opt
+    agent.manual_backward = lambda loss: loss.backward()
+    with FlopCounterMode(display=False) as counter:
+        agent.update(*agent.buffer.sample(batch))
+    times = []
+    for i in range(warmup - 1 + repeats):
+        t0 = time.perf_counter()
+        agent.update(*agent.buffer.sample(batch))
+        if i >= warmup - 1:
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times), counter.get_total_flops()
+
+
+def make_agent(engine, prior, batch: int) -> VariationalAgent:
+    return VariationalAgent(
+        ENV_ID,
+        prior=prior,
+        engine=engine,
+        value=TwinQ(hidden=HIDDEN),
+        batch_size=batch,
+        total_env_steps=10 * FILL,
+        warmup_steps=10 * FILL,
+        progress_refresh_s=0,
+    )
+
+
+def matmul_peak_gflops(repeats: int = 10) -> float:
+    """Best fp32 GFLOP/s of square matmuls (512 and 1024)."""
+    best = 0.0
+    for n in (512, 1024):
+        x, y = torch.randn(n, n), torch.randn(n, n)
+        x @ y  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            x @ y
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed updates per setting")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    peak = matmul_peak_gflops()
+    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s", flush=True)
+    settings = {
+        "direct": (Direct(hidden=HIDDEN), UniformPrior(), 256, {}),
+        "iterative_paper": (Iterative(hidden=HIDDEN, iterations=2, n_samples=200),
+                            ConstantTanhGaussianPrior(), 128, dict(n_samples=200, iterations=2)),
+        "iterative_cheap": (Iterative(hidden=HIDDEN, iterations=2, n_samples=16),
+                            ConstantTanhGaussianPrior(), 128, dict(n_samples=16, iterations=2)),
+    }  # fmt: skip
+    ms, flops = {}, {}
+    for name, (engine, prior, batch, shape) in settings.items():
+        repeats = args.repeats * (4 if name != "iterative_paper" else 1)  # cheap ones: more
+        ms[name], counted = update_ms(make_agent(engine, prior, batch), batch, repeats)
+        flops[name] = update_flops(name.split("_")[0], batch, **shape)
+        achieved = flops[name] / ms[name] / 1e6
+        print(f"{name}: {ms[name]:.2f} ms, {flops[name] / 1e9:.3f} GFLOP "
+              f"(FlopCounterMode: {counted / 1e9:.3f}), {achieved:.1f} GFLOP/s "
+              f"({achieved / peak:.0%} of peak)", flush=True)  # fmt: skip
+    fraction = flops["iterative_paper"] / ms["iterative_paper"] / 1e6 / peak
+    print(
+        f"iterative_cost direct_ms={ms['direct']:.2f} "
+        f"iterative_paper_ms={ms['iterative_paper']:.1f} "
+        f"iterative_cheap_ms={ms['iterative_cheap']:.2f} peak_fraction={fraction:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The figures of ``mbvi compare`` (Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mbvi.compare import RunData, align, group_runs, improvement, label  # noqa: E402
+
+
+def _band(ax, x, values: np.ndarray, text: str) -> None:
+    """Mean ± std over the rows of ``values`` [runs, len(x)] as a line and a band."""
+    mean, std = values.mean(0), values.std(0)
+    (line,) = ax.plot(x, mean, marker="." if len(x) < 30 else None, label=text)
+    ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+
+
+def _save(fig, axes, path: Path) -> Path:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(runs: Sequence[RunData], metric: str, title: str, path: Path) -> Path:
+    """Paper Fig. 3b: ``metric`` vs env steps, mean ± std over seeds per group, on the
+    steps that every seed of the group logged."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for group, members in group_runs(runs).items():
+        steps, values = align([r.curve for r in members])
+        if not steps:
+            print(f"mbvi compare: {label(group)}: no common step, not plotted", file=sys.stderr)
+            continue
+        n = len(members)
+        _band(ax, steps, values, f"{label(group)}, {n} seed{'s' if n > 1 else ''}")
+    ax.set(xlabel="environment steps", ylabel=metric, title=title)
+    return _save(fig, [ax], path)
+
+
+def plot_improvement(runs: Sequence[RunData], title: str, path: Path) -> Path:
+    """Paper Fig. 2: J̃_k − J̃_0 and (J̃_k − J̃_0)/|J̃_0| vs inference iteration k, each
+    run's mean over its logged steps, then mean ± std over the group's seeds."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for group, members in group_runs([r for r in runs if r.j_iter]).items():
+        absolute, relative = zip(*(improvement(r.j_iter) for r in members))
+        for ax, per_run in zip(axes, (absolute, relative)):
+            values = np.array(per_run)
+            _band(ax, np.arange(values.shape[1]), values, label(group))
+    j_k, j_0 = r"\tilde{J}_k", r"\tilde{J}_0"
+    axes[0].set(xlabel="iteration k", ylabel=f"${j_k} - {j_0}$", title=f"{title}: absolute")
+    axes[1].set(xlabel="iteration k", ylabel=f"$({j_k} - {j_0}) / |{j_0}|$", title="relative")
+    for ax in axes:
+        ax.set_xticks(range(int(ax.get_xlim()[1]) + 1))
+    return _save(fig, axes, path)

@@ -1,0 +1,223 @@
+"""``mbvi compare``: the aggregation on synthetic runs, and the real entry point on a store
+made by real tiny ``mbvi fit`` runs."""
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from mlflow import MlflowClient
+
+from mbvi import compare
+from mbvi.cli import main as cli_main
+from mbvi.compare import (
+    COMPARE_TAG,
+    GroupSummary,
+    RunData,
+    align,
+    duplicate_seeds,
+    final_value,
+    format_table,
+    improvement,
+    mean_std,
+    summarize,
+)
+from tests.conftest import CONFIGS, MBVI, cli_env
+
+TINY = str(CONFIGS / "pendulum" / "tiny.yaml")
+SHORT = ["--model.total_env_steps", "200", "--model.eval_every", "100"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DIRECT = ("Direct", "UniformPrior", "TwinQ", "Pendulum-v1")
+ITERATIVE = ("Iterative", "ConstantTanhGaussianPrior", "TwinQ", "Pendulum-v1")
+
+
+def run_data(group=DIRECT, seed="0", curve=None, **kw):
+    return RunData(
+        run_id=f"id-{group[0]}-{seed}",
+        name=f"run-{seed}",
+        group=group,
+        seed=seed,
+        curve=curve or {100: 0.0, 200: 1.0},
+        duration_s=kw.pop("duration_s", 10.0),
+        **kw,
+    )
+
+
+# ---- pure aggregation -------------------------------------------------------------------
+def test_mean_std_is_the_population_std_over_seeds():
+    assert mean_std([1.0, 3.0]) == (2.0, 1.0)
+    assert mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_final_value_is_at_the_last_step_whatever_the_order():
+    assert final_value({300: -1.0, 100: 7.0, 200: 3.0}) == -1.0
+
+
+def test_align_keeps_only_steps_common_to_all_seeds_in_order():
+    steps, values = align([{300: 3.0, 100: 1.0, 200: 2.0}, {200: 20.0, 300: 30.0, 400: 40.0}])
+    assert steps == [200, 300]
+    np.testing.assert_array_equal(values, [[2.0, 3.0], [20.0, 30.0]])
+    steps, values = align([{1: 0.0}, {2: 0.0}])
+    assert steps == [] and values.shape == (2, 0)
+
+
+def test_summarize_groups_by_design_choice():
+    runs = [
+        run_data(DIRECT, "1", {100: 0.0, 200: 4.0}, duration_s=30.0, steps_per_s=[10.0, 30.0]),
+        run_data(ITERATIVE, "0", {100: -5.0, 150: -3.0}, steps_per_s=[2.0]),
+        run_data(DIRECT, "0", {100: 0.0, 250: 2.0}, duration_s=10.0, steps_per_s=[40.0]),
+    ]
+    direct, iterative = summarize(runs)  # sorted by group: Direct before Iterative
+    assert direct.group == DIRECT and direct.seeds == ["0", "1"]
+    assert (direct.final_mean, direct.final_std) == (3.0, 1.0)
+    assert direct.env_steps == 200  # the smaller of the last steps 250 and 200
+    assert direct.wall_clock_s == 20.0
+    assert direct.steps_per_s == 30.0  # mean of the runs' means 40 and 20
+    assert iterative.seeds == ["0"] and (iterative.final_mean, iterative.final_std) == (-3.0, 0.0)
+
+
+def test_improvement_over_iterations_absolute_and_relative():
+    j_iter = {
+        0: {10: -2.0, 20: -4.0},
+        1: {10: -1.0, 20: -3.0},
+        2: {10: 0.0, 20: -2.0, 30: 5.0},  # step 30 has no J̃_0: left out
+    }
+    absolute, relative = improvement(j_iter)
+    np.testing.assert_allclose(absolute, [0.0, 1.0, 2.0])
+    np.testing.assert_allclose(relative, [0.0, (0.5 + 0.25) / 2, (1.0 + 0.5) / 2])
+
+
+def test_table_lists_each_group_with_seeds_and_mean_std():
+    rows = summarize([run_data(DIRECT, "0"), run_data(DIRECT, "1", {100: 0.0, 200: 3.0})])
+    table = format_table(rows, "eval/return")
+    header, rule, line = table.splitlines()
+    assert header.split()[:5] == ["engine", "prior", "value", "env", "seeds"]
+    assert "final eval/return" in header and set(rule) <= {"-", " "}
+    assert line.split()[:4] == list(DIRECT)
+    assert "2 [0, 1]" in line and "2.00 ± 1.00" in line and "10.0 s" in line
+
+
+def test_duplicate_seeds_are_reported():
+    row = GroupSummary(DIRECT, ["0", "0", "1"], ["a", "b", "c"], 0.0, 0.0, 1, 1.0, 1.0)
+    assert duplicate_seeds(row) == ["0"]
+
+
+# ---- the real entry point ---------------------------------------------------------------
+def mbvi(cwd, *args, timeout=300):
+    return subprocess.run(
+        [MBVI, *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Three tiny runs in one store: Direct seeds 0 and 1, Iterative seed 0, each of
+    200 env steps with evaluations at 100 and 200."""
+    cwd = tmp_path_factory.mktemp("compare")
+    iterative = ["--model.prior", "mbvi.ConstantTanhGaussianPrior",
+                 "--model.engine", "mbvi.planners.Iterative",
+                 "--model.engine.hidden", "[32, 32]", "--model.engine.n_samples", "4"]  # fmt: skip
+    for args in (["--model.seed", "0"], ["--model.seed", "1"], ["--model.seed", "0", *iterative]):
+        proc = mbvi(cwd, "fit", "--config", TINY, *SHORT, *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd
+
+
+def finals(client, runs):
+    return [client.get_metric_history(r.info.run_id, "eval/return")[-1].value for r in runs]
+
+
+def test_compare_prints_the_table_writes_the_figures_and_logs_them(store):
+    proc = mbvi(store, "compare", "--experiment", "tiny", "--output", "figs")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    exp = client.get_experiment_by_name("tiny")
+    found = client.search_runs([exp.experiment_id])
+    direct = [r for r in found if r.data.params.get("engine") == "Direct"]
+    iterative = [r for r in found if r.data.params.get("engine") == "Iterative"]
+    assert len(direct) == 2 and len(iterative) == 1
+
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip()}
+    mean, std = np.mean(finals(client, direct)), np.std(finals(client, direct))
+    assert lines["Direct"].split()[:4] == list(DIRECT)
+    assert "2 [0, 1]" in lines["Direct"] and f"{mean:.2f} ± {std:.2f}" in lines["Direct"]
+    assert " 200 " in lines["Direct"]  # env steps
+    assert "1 [0]" in lines["Iterative"] and "± 0.00" in lines["Iterative"]
+
+    figures = ["tiny_returns.png", "tiny_inference_improvement.png"]
+    for name in figures:
+        path = store / "figs" / name
+        assert path.read_bytes()[:8] == PNG_MAGIC
+        assert imread(path).shape[2] in (3, 4)  # decodes as an image
+
+    (logged,) = [r for r in found if COMPARE_TAG in r.data.tags]
+    assert logged.info.run_name == "compare" and logged.info.status == "FINISHED"
+    assert logged.info.run_id in proc.stdout
+    artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
+    assert {*figures, "compare.txt", "summary.json"} <= artifacts
+    summary = client.download_artifacts(logged.info.run_id, "summary.json", str(store))
+    rows = {tuple(r["group"]): r for r in json.load(open(summary))}
+    assert rows[DIRECT]["final_mean"] == pytest.approx(mean)
+    assert sorted(rows[DIRECT]["run_ids"]) == sorted(r.info.run_id for r in direct)
+
+
+def test_missing_experiment_lists_the_existing_ones(store, tmp_path, capsys):
+    uri = f"sqlite:///{store}/mlflow.db"
+    with pytest.raises(SystemExit) as exit_:  # the console script's own dispatch, in-process
+        cli_main(["compare", "--experiment", "tinny", "--tracking_uri", uri])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "experiment 'tinny' not found; existing experiments: 'Default', 'tiny'" in err
+
+
+@pytest.fixture
+def store_copy(store, tmp_path):
+    """A copy of the store that a test may add runs to."""
+    shutil.copy(store / "mlflow.db", tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    return uri, client, client.get_experiment_by_name("tiny").experiment_id
+
+
+def compare_main(uri, tmp_path, *args):
+    return compare.main(["--experiment", "tiny", "--tracking_uri", uri, "--output", str(tmp_path), *args])  # fmt: skip
+
+
+def test_a_run_without_the_metric_is_named(store_copy, tmp_path, capsys):
+    uri, client, exp_id = store_copy
+    run = client.create_run(exp_id, run_name="no-eval")
+    for key, value in zip(("engine", "prior", "value", "env_id", "seed"), (*DIRECT, "7")):
+        client.log_param(run.info.run_id, key, value)
+    client.log_metric(run.info.run_id, "perf/env_steps_per_s", 1.0, step=50)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    no_params = client.create_run(exp_id, run_name="no-params")
+    client.set_terminated(no_params.info.run_id, "FINISHED")
+
+    assert compare_main(uri, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mbvi: error: cannot compare experiment 'tiny'")
+    assert f"no-eval ({run.info.run_id}) lacks eval/return" in err
+    assert (
+        f"no-params ({no_params.info.run_id}) lacks engine, prior, value, env_id, seed, eval/return"
+        in err
+    )
+    assert not (tmp_path / "tiny_returns.png").exists()
+
+
+def test_unfinished_runs_are_skipped(store_copy, tmp_path, capsys):
+    uri, client, exp_id = store_copy
+    client.create_run(exp_id, run_name="still-running")
+    assert compare_main(uri, tmp_path) == 0
+    out, err = capsys.readouterr()
+    assert "skipping unfinished runs: still-running (RUNNING)" in err
+    assert "2 [0, 1]" in out and (tmp_path / "tiny_returns.png").exists()
+
+
+def test_a_folder_without_a_store_is_an_error_and_stays_empty(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert compare.main(["--experiment", "tiny"]) == 2
+    assert "no MLflow store at 'sqlite:///mlflow.db'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
