@@ -125,6 +125,13 @@ def improvement(j_iter: dict[int, Curve]) -> tuple[np.ndarray, np.ndarray]:
     return np.array(absolute), np.array(relative)
 
 
+def iteration_keys(metric_names) -> list[int]:
+    """The k of every ``engine/j_iter_k`` metric; none unless J̃_0 is among them."""
+    ks = sorted(int(m[len(J_ITER) :]) for m in metric_names
+                if m.startswith(J_ITER) and m[len(J_ITER) :].isdigit())  # fmt: skip
+    return ks if 0 in ks else []
+
+
 def duplicate_seeds(summary: GroupSummary) -> list[str]:
     return sorted({s for s in summary.seeds if summary.seeds.count(s) > 1})
 
@@ -141,17 +148,7 @@ def _duration(seconds: float) -> str:
 
 def format_table(rows: Sequence[GroupSummary], metric: str) -> str:
     """The comparison as an aligned text table, one row per group."""
-    head = [
-        "engine",
-        "prior",
-        "value",
-        "env",
-        "seeds",
-        f"final {metric}",
-        "env steps",
-        "wall-clock",
-        "steps/s",
-    ]
+    head = f"engine|prior|value|env|seeds|final {metric}|env steps|wall-clock|steps/s".split("|")
     body = [
         [
             *r.group,
@@ -225,8 +222,7 @@ def load_runs(client, experiment: str, metric: str) -> tuple[str, list[RunData]]
 
 def _run_data(client, run, metric: str) -> RunData:
     rid = run.info.run_id
-    ks = sorted(int(m[len(J_ITER) :]) for m in run.data.metrics if m.startswith(J_ITER))
-    ks = ks if 0 in ks else []  # the improvement is measured from J̃_0
+    ks = iteration_keys(run.data.metrics)
     return RunData(
         run_id=rid,
         name=run.info.run_name,

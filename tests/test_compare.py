@@ -21,6 +21,7 @@ from mbvi.compare import (
     final_value,
     format_table,
     improvement,
+    iteration_keys,
     mean_std,
     summarize,
 )
@@ -87,6 +88,13 @@ def test_improvement_over_iterations_absolute_and_relative():
     absolute, relative = improvement(j_iter)
     np.testing.assert_allclose(absolute, [0.0, 1.0, 2.0])
     np.testing.assert_allclose(relative, [0.0, (0.5 + 0.25) / 2, (1.0 + 0.5) / 2])
+
+
+def test_iteration_keys_need_j_iter_0_and_skip_other_suffixes():
+    assert iteration_keys(
+        ["engine/j_iter_2", "engine/j_iter_0", "engine/j_iter_x", "loss/value"]
+    ) == [0, 2]
+    assert iteration_keys(["engine/j_iter_1"]) == []
 
 
 def test_table_lists_each_group_with_seeds_and_mean_std():
