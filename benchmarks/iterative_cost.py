@@ -98,7 +98,7 @@ def update_ms(agent: VariationalAgent, batch: int, repeats: int, warmup: int = 2
     for _ in range(FILL):
         agent._act_and_store()  # random actions: env_steps < warmup_steps
     opt = agent.configure_optimizers()
-    agent.optimizers = lambda: opt
+    agent.optimizers = lambda use_pl_optimizer=True: opt
     agent.manual_backward = lambda loss: loss.backward()
     with FlopCounterMode(display=False) as counter:
         agent.update(*agent.buffer.sample(batch))

@@ -280,7 +280,9 @@ class VariationalAgent(L.LightningModule):
         Returns detached metric tensors (no host sync on the hot path).
         """
         hp = self.hparams
-        opt = self.optimizers()
+        # The raw torch optimizer: Lightning's wrapper adds closure and hook calls per step
+        # (mbvi trains in fp32 and counts env steps, not trainer.global_step).
+        opt = self.optimizers(use_pl_optimizer=False)
         alpha = self.alpha
 
         # Value: soft TD target with the posterior at s' (Eq. 9-10), target critics.
