@@ -11,7 +11,7 @@ from mbvi.agent import VariationalAgent
 from mbvi.distributions import TanhGaussian
 from mbvi.errors import CheckpointError, ConfigError, EnvError, NonFiniteError, TrackingError
 from mbvi.objectives import Objective, alpha_loss, soft_objective, soft_td_target
-from mbvi.priors import ConstantTanhGaussianPrior, Prior, UniformPrior
+from mbvi.priors import ConstantTanhGaussianPrior, LearnedPrior, Prior, UniformPrior
 from mbvi.tracking import MLflowTracker
 from mbvi.values import TwinQ, ValueEstimate
 
@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "ConstantTanhGaussianPrior",
     "EnvError",
+    "LearnedPrior",
     "MLflowTracker",
     "NonFiniteError",
     "Objective",

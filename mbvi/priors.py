@@ -8,12 +8,16 @@ engines can start from it.
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from mbvi.distributions import TanhGaussian
+from mbvi.errors import ConfigError
+from mbvi.models.prior_net import PriorNet
 
 _LOG_2 = math.log(2.0)
 
@@ -96,3 +100,153 @@ class ConstantTanhGaussianPrior(Prior):
         # The same per-dimension budget as SAC's: a posterior may move about as far
         # from the prior as SAC's policy moves from the uniform one.
         return 1.0 + _LOG_2
+
+
+# Bounds of log η for the trust-region multipliers: the floor keeps a multiplier that
+# went slack able to act again within a few hundred updates.
+_LOG_ETA_MIN, _LOG_ETA_MAX = math.log(1e-3), math.log(1e6)
+
+
+class LearnedPrior(Prior):
+    """p_θ(a|s) = tanh(N(μ_θ(s), σ_θ(s)^2)) fitted to the posterior in the M-step (Eq. 7),
+    inside MPO's decoupled KL trust regions (Abdolmaleki et al., 2018, Eq. 13) around a
+    Polyak-averaged target copy p̄ (Table 1: "learned prior").
+
+    E-step: ``distribution(s)`` is the target p̄, computed without gradients, so the
+    engine's loss never reaches θ and prior and posterior cannot chase each other within
+    one update.  M-step (``loss``), with all KLs averaged over the batch of states::
+
+        L(θ, η) = KL(π ‖ p_θ)                                 fit the posterior (Eq. 7)
+                + sg(η_μ) KL_μ + sg(η_σ) KL_σ                  trust regions, θ's side
+                + η_μ (ε_μ − sg(KL_μ)/A) + η_σ (ε_σ − sg(KL_σ)/A)   dual ascent on η
+
+        KL_μ = KL(p̄ ‖ N(μ_θ, σ̄))    (how far the mean moved)
+        KL_σ = KL(p̄ ‖ N(μ̄, σ_θ))    (how far the scale moved)
+
+    where sg stops gradients.  Descending the last line raises η while its constraint
+    KL/A ≤ ε is violated and lowers it otherwise; the middle line makes a large η pull
+    p_θ back towards p̄.  The bounds are per action dimension so that one ε fits every
+    environment.  The target follows p_θ by p̄ ← (1−τ) p̄ + τ p_θ in ``update_target``,
+    so p̄ moves by about ε_μ, ε_σ per 1/τ updates.
+
+    The agent trains every parameter of a prior with one Adam learning rate
+    (``prior_lr``), and Adam moves each parameter by about its learning rate per step,
+    far too slowly for a multiplier that must span decades.  So η = exp(k·ρ) with
+    ``k = dual_lr_scale``: Adam moves log η by about ``dual_lr_scale · prior_lr`` per
+    update (3e-4 · 30 ≈ 0.01, MPO's dual learning rate).
+
+    Args:
+        hidden: widths of the prior network's hidden layers.
+        init_scale: pre-tanh standard deviation of p_θ at every state before training.
+        tau: Polyak factor of the target, p̄ ← (1−τ) p̄ + τ p_θ, in (0, 1].
+        eps_mean: bound ε_μ on KL_μ per action dimension (mean trust region), > 0.
+        eps_scale: bound ε_σ on KL_σ per action dimension (scale trust region), > 0;
+            much smaller than ``eps_mean`` so that the prior's scale, and with it the
+            posterior's, does not collapse before Q̂ is any good.
+        init_eta_mean: initial multiplier η_μ of the mean trust region, > 0.
+        init_eta_scale: initial multiplier η_σ of the scale trust region, > 0.
+        dual_lr_scale: k in η = exp(k·ρ): log η moves about k × ``prior_lr`` per update.
+    """
+
+    learnable = True
+
+    def __init__(
+        self,
+        hidden: Sequence[int] = (256, 256),
+        init_scale: float = 1.0,
+        tau: float = 0.005,
+        eps_mean: float = 0.05,
+        eps_scale: float = 1e-4,
+        init_eta_mean: float = 1.0,
+        init_eta_scale: float = 10.0,
+        dual_lr_scale: float = 30.0,
+    ):
+        super().__init__()
+        checks = [
+            ("tau", tau, 0.0 < tau <= 1.0, "in (0, 1]"),
+            ("eps_mean", eps_mean, eps_mean > 0, "> 0"),
+            ("eps_scale", eps_scale, eps_scale > 0, "> 0"),
+            ("init_scale", init_scale, init_scale > 0, "> 0"),
+            ("init_eta_mean", init_eta_mean, init_eta_mean > 0, "> 0"),
+            ("init_eta_scale", init_eta_scale, init_eta_scale > 0, "> 0"),
+            ("dual_lr_scale", dual_lr_scale, dual_lr_scale > 0, "> 0"),
+        ]
+        for name, value, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"LearnedPrior {name} must be {expected}, got {value}")
+        self.hidden, self.init_scale, self.tau = tuple(hidden), init_scale, tau
+        self.eps_mean, self.eps_scale = eps_mean, eps_scale
+        self.init_eta_mean, self.init_eta_scale = init_eta_mean, init_eta_scale
+        self.dual_lr_scale = dual_lr_scale
+
+    def build(self, obs_dim: int, act_dim: int) -> None:
+        super().build(obs_dim, act_dim)
+        self.net = PriorNet(obs_dim, act_dim, self.hidden, self.init_scale)
+        self.target_net = copy.deepcopy(self.net).requires_grad_(False)
+        k = self.dual_lr_scale
+        self.rho_mean = nn.Parameter(torch.tensor(math.log(self.init_eta_mean) / k))
+        self.rho_scale = nn.Parameter(torch.tensor(math.log(self.init_eta_scale) / k))
+
+    def distribution(self, s: torch.Tensor) -> TanhGaussian:
+        """The target prior p̄(·|s) ``[B, A]``, a constant for the E-step."""
+        with torch.no_grad():
+            return TanhGaussian(*self.target_net(s))
+
+    def online_distribution(self, s: torch.Tensor) -> TanhGaussian:
+        """The trained prior p_θ(·|s) ``[B, A]`` (differentiable in θ)."""
+        return TanhGaussian(*self.net(s))
+
+    def etas(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The multipliers (η_μ, η_σ), differentiable in ρ."""
+        k = self.dual_lr_scale
+        return (k * self.rho_mean).exp(), (k * self.rho_scale).exp()
+
+    def default_kl_target(self) -> float:
+        # SAC's 1 + log 2 against the uniform prior pays for the posterior's absolute
+        # narrowness.  A learned prior absorbs what the posterior has learned (its mean,
+        # and its scale within ε_σ), so KL(π‖p̄) only measures how far the posterior
+        # departs from the slowly moving prior between prior updates: the role of MPO's
+        # E-step bound ε, not of an entropy floor.  0.5 nats per dimension lets the
+        # posterior shift its mean by one prior standard deviation, or be ~0.4x as wide
+        # as the prior: enough to act on Q̂ while the prior catches up, without tying
+        # the posterior to a prior that moves only ε per 1/τ updates.  Override it with
+        # the agent's ``target_kl_per_dim``.
+        return 0.5
+
+    def loss(
+        self, s: torch.Tensor, posterior: TanhGaussian
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """M-step loss L(θ, η) for states ``s`` [B,S] and the posterior π(·|s,O) there
+        (treated as a constant).  Metrics (0-dim, detached): ``kl_posterior`` =
+        E_s KL(π‖p_θ) (summed over action dims, like ``train/kl``); ``kl_mean``,
+        ``kl_scale`` = KL_μ/A, KL_σ/A (per dim, compare with ``eps_mean``,
+        ``eps_scale``); ``eta_mean``, ``eta_scale``."""
+        posterior = posterior.detach()
+        online, target = self.online_distribution(s), self.distribution(s)
+        kl_posterior = posterior.kl(online).mean()
+        kl_mean = target.kl(TanhGaussian(online.loc, target.log_scale)).mean()
+        kl_scale = target.kl(TanhGaussian(target.loc, online.log_scale)).mean()
+        eta_mean, eta_scale = self.etas()
+        a = self.act_dim
+        trust = eta_mean.detach() * kl_mean + eta_scale.detach() * kl_scale
+        dual = eta_mean * (self.eps_mean - kl_mean.detach() / a) + eta_scale * (
+            self.eps_scale - kl_scale.detach() / a
+        )
+        metrics = {
+            "kl_posterior": kl_posterior.detach(),
+            "kl_mean": kl_mean.detach() / a,
+            "kl_scale": kl_scale.detach() / a,
+            "eta_mean": eta_mean.detach(),
+            "eta_scale": eta_scale.detach(),
+        }
+        return kl_posterior + trust + dual, metrics
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """p̄ ← (1−τ) p̄ + τ p_θ, and keep log η within its bounds (projected ascent)."""
+        torch._foreach_lerp_(
+            list(self.target_net.parameters()), list(self.net.parameters()), self.tau
+        )
+        k = self.dual_lr_scale
+        for rho in (self.rho_mean, self.rho_scale):
+            rho.clamp_(_LOG_ETA_MIN / k, _LOG_ETA_MAX / k)
