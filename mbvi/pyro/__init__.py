@@ -8,20 +8,24 @@ planning under priors written as Pyro programs.
     j_sum = model.elbo(guide, states)              # α·ELBO = Σ_b J(s_b), Trace_ELBO
     j, metrics = native_objective(model, states, posterior, policy)   # same, [B], fast
     plan = importance_plan(model, states)          # Eq. 11 weighted particles
+    prior = ProgramPrior("examples.mixture_prior.two_gait_prior")   # an agent's prior
 
 ``native_objective`` is the hot path; the Pyro model is the reference and the way to
-compose user programs (a custom prior, a stochastic dynamics model).
+compose user programs (a custom prior, a stochastic dynamics model); ``ProgramPrior``
+makes a prior program an agent's prior, chosen in a config by its import path.
 """
 
 from mbvi.pyro.importance import WeightedParticles, importance_plan
 from mbvi.pyro.model import OptimalityModel, optimality_model
 from mbvi.pyro.native import native_objective
+from mbvi.pyro.prior import ProgramPrior
 from mbvi.pyro.sites import ACTION, ClosedUniform, tanh_normal
 
 __all__ = [
     "ACTION",
     "ClosedUniform",
     "OptimalityModel",
+    "ProgramPrior",
     "WeightedParticles",
     "importance_plan",
     "native_objective",

@@ -28,13 +28,14 @@ from mbvi.distributions import TanhGaussian
 from mbvi.errors import ConfigError
 from mbvi.objectives import ValueFn
 from mbvi.priors import Prior
+from mbvi.pyro.prior import ProgramPrior
 from mbvi.pyro.sites import (
     ACTION,
     PriorProgram,
     StepSites,
-    check_action_site,
     prior_distribution,
     program_name,
+    run_prior_program,
     tanh_normal,
 )
 
@@ -69,8 +70,9 @@ class OptimalityModel:
     """Fig. 1a with its parts; calling it runs the Pyro model on states [B,S].
 
     Args:
-        prior: an mbvi ``Prior`` (built) or a Pyro program ``prior(s)`` with a
-            ``pyro.sample("a", ...)`` site of shape [B,N,A] in [-1,1]^A.
+        prior: an mbvi ``Prior`` (built; a ``ProgramPrior`` runs its program) or a Pyro
+            program ``prior(s)`` with a ``pyro.sample("a", ...)`` site of shape [B,N,A]
+            in [-1,1]^A.
         leaf_value: Q̂ at the leaf, ``value(s [B,S], a [B,N,A]) -> [B,N]``.
         alpha: temperature α > 0 (float or scalar tensor).
         horizon: H, model steps before the leaf; 0 is the model-free Eq. 16.
@@ -117,21 +119,13 @@ class OptimalityModel:
         """a_t ~ p_θ(·|s_t) at site ``a`` (renamed ``a_t`` by ``step``), checked when the
         prior is a user's program."""
         b, n, a_dim = s.shape[0], self.n_particles, self.act_dim
-        if isinstance(self.prior, Prior):
-            return pyro.sample(ACTION, prior_distribution(self.prior, s, b, a_dim))
-        name = program_name(self.prior)
-        try:
-            self.prior(s.unsqueeze(1) if s.dim() == 2 else s)
-        except ValueError as e:
-            if isinstance(e, ConfigError):
-                raise
-            raise ConfigError(
-                f"prior program {name} failed inside the plates [states={b}, particles={n}]: "
-                f"{e}; its site '{ACTION}' must have batch shape broadcastable to ({b}, {n}) "
-                f"and event shape ({a_dim},), e.g. via .to_event(1)"
-            ) from e
-        check_action_site(step, name, (b, n, a_dim))
-        return step.action_msg["value"]
+        prior, name = self.prior, program_name(self.prior)
+        if isinstance(prior, ProgramPrior):
+            prior, name = prior.pyro_program, repr(prior.program)
+        if isinstance(prior, Prior):
+            return pyro.sample(ACTION, prior_distribution(prior, s, b, a_dim))
+        s = s.unsqueeze(1) if s.dim() == 2 else s
+        return run_prior_program(prior, s, step, name, (b, n, a_dim))
 
     def __call__(self, states: torch.Tensor) -> None:
         """The Pyro model: sites a_t (t=0..H), factors r_t (t<H) and ``leaf``."""

@@ -120,5 +120,30 @@ def check_action_site(step: StepSites, program: str, expected: tuple[int, int, i
         )
 
 
+def run_prior_program(
+    program: PriorProgram,
+    s: torch.Tensor,
+    step: StepSites,
+    name: str,
+    expected: tuple[int, int, int],
+) -> torch.Tensor:
+    """Run a user's prior program on states ``s`` [B, 1 or N, S] inside the caller's
+    ``states`` and ``particles`` plates and ``step``, and return its action [B, N, A]
+    after ``check_action_site``; ``name`` names the program in the errors."""
+    b, n, a_dim = expected
+    try:
+        program(s)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(
+            f"prior program {name} failed inside the plates [states={b}, particles={n}]: "
+            f"{e}; its site '{ACTION}' must have batch shape broadcastable to ({b}, {n}) "
+            f"and event shape ({a_dim},), e.g. via .to_event(1)"
+        ) from e
+    check_action_site(step, name, expected)
+    return step.action_msg["value"]
+
+
 def program_name(prior: PriorProgram) -> str:
     return repr(getattr(prior, "__name__", type(prior).__name__))
