@@ -14,8 +14,8 @@ The budget is counted in environment steps (``env_steps``), never in
 
 from __future__ import annotations
 
+import inspect
 import math
-import random
 import time
 from functools import partial
 
@@ -33,6 +33,7 @@ from mbvi.planners.direct import Direct
 from mbvi.planners.gradient import GradientRefinement
 from mbvi.priors import Prior, UniformPrior
 from mbvi.replay import ReplayBuffer
+from mbvi.rng import capture_rng_state, restore_rng_state
 from mbvi.rollout import EnvRunner, evaluate
 from mbvi.values import TwinQ, ValueEstimate
 
@@ -47,25 +48,11 @@ class _Ticks(IterableDataset):
 
 def component_params(name: str, module: torch.nn.Module) -> dict[str, object]:
     """``{name: class name, name.arg: value}`` for a component's constructor arguments."""
-    import inspect
-
     params: dict[str, object] = {name: type(module).__name__}
     for arg in inspect.signature(type(module).__init__).parameters:
         if arg != "self" and hasattr(module, arg):
             params[f"{name}.{arg}"] = getattr(module, arg)
     return params
-
-
-def _numpy_state_to_torch(state: tuple) -> tuple:
-    """numpy's legacy RNG state with its key array as a tensor (loadable with
-    ``torch.load(weights_only=True)``)."""
-    name, keys, pos, has_gauss, cached = state
-    return name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached
-
-
-def _numpy_state_from_torch(state: tuple) -> tuple:
-    name, keys, pos, has_gauss, cached = state
-    return name, keys.numpy().astype(np.uint32), pos, has_gauss, cached
 
 
 class VariationalAgent(L.LightningModule):
@@ -391,13 +378,7 @@ class VariationalAgent(L.LightningModule):
             "env_steps": self.env_steps,
             "last_episode_return": self.last_episode_return,
             "buffer": self.buffer.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": _numpy_state_to_torch(np.random.get_state()),
-                "python": random.getstate(),
-                "agent": self._rng.bit_generator.state,
-            },
+            "rng": capture_rng_state(self._rng),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -408,11 +389,6 @@ class VariationalAgent(L.LightningModule):
         self._pending_rng = state["rng"]
 
     def _restore_rng(self, rng: dict) -> None:
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(_numpy_state_from_torch(rng["numpy"]))
-        random.setstate(rng["python"])
-        self._rng.bit_generator.state = rng["agent"]
+        restore_rng_state(rng, self._rng)
         # Env internals are not checkpointed: the resumed run starts a fresh episode.
         self.runner.restart(self.hparams.seed + self.env_steps)
