@@ -35,7 +35,7 @@ class EnvStepCheckpoint(L.Callback):
         folder = self._run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         path, tmp = folder / "last.ckpt", folder / "last.ckpt.tmp"
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimiser, replay, RNG
         os.replace(tmp, path)
         self._saved_at, self.last_path = agent.env_steps, path
         if isinstance(trainer.logger, MLFlowLogger):
