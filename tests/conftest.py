@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -26,3 +27,19 @@ def cli_env() -> dict[str, str]:
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONWARNINGS"] = "ignore"
     return env
+
+
+def fit_agent(agent, workdir, logger) -> L.Trainer:
+    """Train ``agent`` with a plain Trainer as the CLI configures it (CPU, no
+    Lightning checkpointing or bars: the agent checkpoints and reports by env steps)."""
+    trainer = L.Trainer(
+        logger=logger,
+        max_epochs=-1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(workdir),
+        accelerator="cpu",
+    )
+    trainer.fit(agent)
+    return trainer

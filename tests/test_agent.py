@@ -1,7 +1,6 @@
 """The agent through the Python API: env handling, NaN stops, seeding."""
 
 import gymnasium as gym
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -12,6 +11,7 @@ from mbvi.env import make_env
 from mbvi.errors import EnvError
 from mbvi.planners import Direct
 from mbvi.rollout import EnvRunner
+from tests.conftest import fit_agent
 
 TINY = dict(
     total_env_steps=300,
@@ -55,17 +55,7 @@ def tiny_agent(env_id="Pendulum-v1", **overrides):
 
 def fit(agent, workdir):
     logger = MLflowTracker(experiment_name="t", tracking_uri=f"sqlite:///{workdir}/mlflow.db")
-    trainer = L.Trainer(
-        logger=logger,
-        max_epochs=-1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(workdir),
-        accelerator="cpu",
-    )
-    trainer.fit(agent)
-    return trainer, logger
+    return fit_agent(agent, workdir, logger), logger
 
 
 def test_unknown_env_suggests_close_names():

@@ -1,6 +1,5 @@
 """The learned prior: M-step fit, MPO-style trust regions, isolation from the E-step."""
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import Logger
@@ -8,6 +7,7 @@ from lightning.pytorch.loggers import Logger
 from mbvi import ConfigError, LearnedPrior, Objective, TwinQ, VariationalAgent
 from mbvi.distributions import TanhGaussian
 from mbvi.planners import Direct
+from tests.conftest import fit_agent
 
 OBS, ACT, BATCH = 3, 2, 64
 
@@ -182,16 +182,7 @@ def test_agent_trains_the_prior_and_logs_its_metrics(tmp_path):
     assert agent.kl_target == prior.default_kl_target()  # Pendulum: one action dim
     target_before = [p.clone() for p in prior.target_net.parameters()]
     logger = _ListLogger()
-    trainer = L.Trainer(
-        logger=logger,
-        max_epochs=-1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        accelerator="cpu",
-    )
-    trainer.fit(agent)
+    fit_agent(agent, tmp_path, logger)
     assert any(not torch.equal(a, b) for a, b in zip(target_before, prior.target_net.parameters()))
     for key in ["kl_posterior", "kl_mean", "kl_scale", "eta_mean", "eta_scale"]:
         steps = [step for step, metrics in logger.metrics if f"prior/{key}" in metrics]
