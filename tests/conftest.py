@@ -12,6 +12,20 @@ MBVI = str(Path(sys.executable).with_name("mbvi"))
 
 torch.set_num_threads(1)
 
+# Agent arguments of a run of a few hundred env steps (the Python-API twin of
+# configs/pendulum/tiny.yaml).
+TINY_AGENT = dict(
+    total_env_steps=300,
+    warmup_steps=100,
+    batch_size=32,
+    buffer_size=1000,
+    eval_every=10_000,
+    eval_episodes=1,
+    log_every=50,
+    checkpoint_every=100,
+    progress_refresh_s=0,
+)
+
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):

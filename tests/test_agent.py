@@ -11,19 +11,7 @@ from mbvi.env import make_env
 from mbvi.errors import EnvError
 from mbvi.planners import Direct
 from mbvi.rollout import EnvRunner
-from tests.conftest import fit_agent
-
-TINY = dict(
-    total_env_steps=300,
-    warmup_steps=100,
-    batch_size=32,
-    buffer_size=1000,
-    eval_every=10_000,
-    eval_episodes=1,
-    log_every=50,
-    checkpoint_every=100,
-    progress_refresh_s=0,
-)
+from tests.conftest import TINY_AGENT, fit_agent
 
 
 class NaNAfter(gym.Wrapper):
@@ -49,8 +37,14 @@ def tiny_agent(env_id="Pendulum-v1", **overrides):
         env_id,
         engine=Direct(hidden=(32, 32)),
         value=TwinQ(hidden=(32, 32)),
-        **{**TINY, **overrides},
+        **{**TINY_AGENT, **overrides},
     )
+
+
+def only_run(workdir):
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    return run
 
 
 def fit(agent, workdir):
@@ -94,8 +88,7 @@ def test_nan_observation_stops_with_a_message_and_keeps_the_last_checkpoint(work
         NonFiniteError, match=r"observation from env 'NaNPendulum-v0' is NaN or Inf at env step 150"
     ):
         fit(agent, workdir)
-    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    run = only_run(workdir)
     assert run.info.status == "FAILED"
     ckpt = torch.load(workdir / "checkpoints" / run.info.run_id / "last.ckpt", weights_only=False)
     assert ckpt["mbvi"]["env_steps"] == 100  # the last good one
@@ -114,8 +107,7 @@ def test_nan_loss_stops_naming_the_loss(workdir, monkeypatch):
         NonFiniteError, match=r"loss/value became NaN or Inf by env step 10[0-9]; training stopped"
     ):
         fit(agent, workdir)
-    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    run = only_run(workdir)
     assert run.info.status == "FAILED"
 
 

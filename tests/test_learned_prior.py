@@ -7,7 +7,7 @@ from lightning.pytorch.loggers import Logger
 from mbvi import ConfigError, LearnedPrior, Objective, TwinQ, VariationalAgent
 from mbvi.distributions import TanhGaussian
 from mbvi.planners import Direct
-from tests.conftest import fit_agent
+from tests.conftest import TINY_AGENT, fit_agent
 
 OBS, ACT, BATCH = 3, 2, 64
 
@@ -168,16 +168,8 @@ def test_agent_trains_the_prior_and_logs_its_metrics(tmp_path):
         prior=prior,
         engine=Direct(hidden=(32, 32)),
         value=TwinQ(hidden=(32, 32)),
-        total_env_steps=150,
-        warmup_steps=100,
-        batch_size=32,
-        buffer_size=1000,
-        eval_every=10_000,
-        eval_episodes=1,
-        log_every=50,
-        checkpoint_every=10_000,
+        **{**TINY_AGENT, "total_env_steps": 150, "checkpoint_every": 10_000},
         checkpoint_dir=str(tmp_path / "checkpoints"),
-        progress_refresh_s=0,
     )
     assert agent.kl_target == prior.default_kl_target()  # Pendulum: one action dim
     target_before = [p.clone() for p in prior.target_net.parameters()]
