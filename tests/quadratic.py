@@ -33,7 +33,10 @@ def make_objective(
     prior.to(dtype)
 
     def value(states: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        return -0.5 * C * (atanh(a) - m.unsqueeze(-2)).pow(2).sum(-1)
+        # m of each given state, looked up by identity: Q̂ is a function of (s, a), so
+        # engines may evaluate it on any subset of the states.
+        rows = (states.unsqueeze(1) == s.unsqueeze(0)).all(-1).float().argmax(1)
+        return -0.5 * C * (atanh(a) - m[rows].unsqueeze(-2)).pow(2).sum(-1)
 
     return Objective(s, value, prior, ALPHA), m
 
