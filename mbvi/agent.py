@@ -385,6 +385,7 @@ class VariationalAgent(L.LightningModule):
         state = checkpoint["mbvi"]
         self.env_steps = state["env_steps"]
         self.last_episode_return = state["last_episode_return"]
+        self.setup("load")  # the buffer exists before fit only when loaded for analysis
         self.buffer.load_state_dict(state["buffer"])
         self._pending_rng = state["rng"]
 

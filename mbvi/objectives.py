@@ -75,15 +75,16 @@ class Objective:
         return part
 
     def __call__(
-        self, posterior: TanhGaussian, n_samples: int
+        self, posterior: TanhGaussian, n_samples: int, antithetic: bool = False
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """J̃ [B] for a tanh-Gaussian posterior, estimated with ``n_samples``
-        reparameterised actions, and metrics (``q`` [B], ``kl`` [B], detached)."""
+        reparameterised actions (in ± pairs when ``antithetic``), and metrics
+        (``q`` [B], ``kl`` [B], detached)."""
         if self.prior_dist is not None:
-            a, _ = posterior.rsample(n_samples)
+            a, _ = posterior.rsample(n_samples, antithetic)
             kl = posterior.kl(self.prior_dist)
         else:
-            a, u, log_pi = posterior.rsample_with_log_prob(n_samples)
+            a, u, log_pi = posterior.rsample_with_log_prob(n_samples, antithetic)
             kl = (log_pi - self.prior.log_prob(self.states, a, u)).mean(-1)
         q = self.value(self.states, a)
         j = soft_objective(q, kl, self.alpha)

@@ -90,14 +90,19 @@ CHUNK_ROWS = 2048
 
 
 def objective_gradient(
-    objective: Objective, loc: torch.Tensor, log_scale: torch.Tensor, n_samples: int
+    objective: Objective,
+    loc: torch.Tensor,
+    log_scale: torch.Tensor,
+    n_samples: int,
+    antithetic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reparameterised estimate of ∇λ J̃ (Eq. 16) at λ = (loc, log_scale) ``[B, A]``.
 
     Returns ``(J̃ [B], ∇_loc J̃ [B,A], ∇_log_scale J̃ [B,A])``, all detached: the
     gradient is an *input* to inference (Eq. 15), never a path for training.  Only
     λ is differentiated (``torch.autograd.grad``), so no ``.grad`` of the value
-    estimate is ever touched; works under a caller's ``torch.no_grad``.  States are
+    estimate is ever touched; works under a caller's ``torch.no_grad``.
+    ``antithetic`` draws the samples in ± pairs (``TanhGaussian.standard_normal``).  States are
     processed ``CHUNK_ROWS // n_samples`` at a time (same result, less memory traffic).
     """
     step = max(1, CHUNK_ROWS // n_samples)
@@ -109,7 +114,7 @@ def objective_gradient(
             part = objective if step >= loc.shape[0] else objective.subset(rows)
             m = loc[rows].detach().requires_grad_(True)
             log_s = log_scale[rows].detach().requires_grad_(True)
-            j, _ = part(TanhGaussian(m, log_s), n_samples)
+            j, _ = part(TanhGaussian(m, log_s), n_samples, antithetic)
             parts.append((j.detach(), *torch.autograd.grad(j.sum(), [m, log_s])))
     if len(parts) == 1:
         return parts[0]

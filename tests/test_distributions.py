@@ -93,3 +93,12 @@ def test_rsample_with_log_prob_agrees_with_log_prob_u():
     a2, u2 = d.rsample(6)
     torch.testing.assert_close(u, u2)
     torch.testing.assert_close(log_pi, d.log_prob_u(u))
+
+
+def test_antithetic_draws_come_in_opposite_pairs():
+    dist = TanhGaussian(torch.zeros(3, 2), torch.zeros(3, 2))
+    eps = dist.standard_normal(6, antithetic=True)
+    assert eps.shape == (3, 6, 2)
+    torch.testing.assert_close(eps[:, 3:], -eps[:, :3])
+    with pytest.raises(ValueError, match="even number of samples, got 5"):
+        dist.standard_normal(5, antithetic=True)

@@ -37,7 +37,8 @@ def _twin_q() -> TwinQ:
 @pytest.mark.parametrize(
     "kw, option",
     [({"iterations": 0}, "iterations"), ({"n_samples": 0}, "n_samples"),
-     ({"loss_samples": 0}, "loss_samples"), ({"init_log_scale": 5.0}, "init_log_scale")],
+     ({"loss_samples": 0}, "loss_samples"), ({"init_log_scale": 5.0}, "init_log_scale"),
+     ({"n_samples": 5, "antithetic": True}, "n_samples must be even")],
 )  # fmt: skip
 def test_bad_options_name_the_option(kw, option):
     with pytest.raises(ConfigError, match=option):
