@@ -1,6 +1,7 @@
 """``mbvi compare``: a table and learning curves of one MLflow experiment's runs.
 
     mbvi compare --experiment NAME [--tracking_uri URI] [--output DIR] [--metric eval/return]
+                 [--at-step N]
 
 Reads the experiment's FINISHED runs and groups them by (engine, prior, value, env_id).
 A table row per group: the seeds; the final metric (each run's value at its last logged
@@ -9,6 +10,11 @@ step), mean ± std over seeds (population std, 0 for one seed); the env steps re
 seeds of each run's mean ``perf/env_steps_per_s``, warm-up included).  Figures
 (``mbvi.figures``) written to ``--output``: ``<experiment>_returns.png`` (Fig. 3b) and,
 when a run logged ``engine/j_iter_k``, ``<experiment>_inference_improvement.png`` (Fig. 2).
+
+``--at-step N`` compares the runs at equal env steps: every curve (the metric's and
+J̃_k's) is cut after step N, so "final" means the last value at or before N.  That is
+how runs with different budgets are compared (e.g. direct SAC trained for 100k steps
+against iterative SAC trained for 50k).
 
 Figures, table (``compare.txt``) and ``summary.json`` are logged as artifacts of a new
 run named ``compare`` in the same experiment, tagged ``mbvi.compare`` (later compares
@@ -23,7 +29,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +88,25 @@ def align(curves: Sequence[Curve]) -> tuple[list[int], np.ndarray]:
     """The steps common to all ``curves`` and their values ``[runs, steps]``."""
     steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
     return steps, np.array([[c[s] for s in steps] for c in curves], dtype=float)
+
+
+def truncate(runs: Sequence[RunData], at_step: int) -> list[RunData]:
+    """The runs with every curve cut after ``at_step``; ``ComparisonError`` naming the
+    runs that logged the metric only after it."""
+    late = [f"{r.name} (first at {min(r.curve)})" for r in runs if min(r.curve) > at_step]
+    if late:
+        raise ComparisonError(
+            f"--at-step {at_step}: these runs have no value at or before that step: "
+            f"{', '.join(late)}. Pass a later --at-step."
+        )
+
+    def cut(curve: Curve) -> Curve:
+        return {step: v for step, v in curve.items() if step <= at_step}
+
+    return [
+        replace(r, curve=cut(r.curve), j_iter={k: cut(c) for k, c in r.j_iter.items()})
+        for r in runs
+    ]
 
 
 def group_runs(runs: Sequence[RunData]) -> dict[tuple[str, ...], list[RunData]]:
@@ -235,12 +260,13 @@ def _run_data(client, run, metric: str) -> RunData:
     )
 
 
-def log_comparison(client, experiment_id, metric, files, table, rows) -> str:
+def log_comparison(client, experiment_id, metric, files, table, rows, at_step=None) -> str:
     """Log ``files``, the table and the summary as artifacts of a new ``compare`` run."""
     run = client.create_run(experiment_id, run_name="compare", tags={COMPARE_TAG: "true"})
     rid = run.info.run_id
     try:
         client.log_param(rid, "metric", metric)
+        client.log_param(rid, "at_step", at_step)
         client.log_param(rid, "compared_runs", sum(len(r.run_ids) for r in rows))
         for path in files:
             client.log_artifact(rid, str(path))
@@ -254,13 +280,19 @@ def log_comparison(client, experiment_id, metric, files, table, rows) -> str:
 
 
 def compare(
-    experiment: str, tracking_uri: str | None = None, output: str = ".", metric: str = "eval/return"
+    experiment: str,
+    tracking_uri: str | None = None,
+    output: str = ".",
+    metric: str = "eval/return",
+    at_step: int | None = None,
 ) -> list[GroupSummary]:
     """Print the table, write the figures and log them; returns the table's rows."""
     from mbvi.tracking import resolve_tracking_uri
 
     client = open_store(resolve_tracking_uri(tracking_uri))
     experiment_id, runs = load_runs(client, experiment, metric)
+    if at_step is not None:
+        runs = truncate(runs, at_step)
     rows = summarize(runs)
     table = format_table(rows, metric)
     print(table)
@@ -280,7 +312,7 @@ def compare(
         files.append(
             plot_improvement(runs, experiment, out / f"{experiment}_inference_improvement.png")
         )
-    rid = log_comparison(client, experiment_id, metric, files, table, rows)
+    rid = log_comparison(client, experiment_id, metric, files, table, rows, at_step)
     for path in files:
         print(f"wrote {path}")
     print(f"logged the comparison as MLflow run {rid} ('compare') in experiment {experiment!r}")
@@ -301,9 +333,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--output", default=".", help="folder for the PNG figures")
     parser.add_argument("--metric", default="eval/return", help="metric to compare")
+    parser.add_argument(
+        "--at-step",
+        type=int,
+        default=None,
+        help="compare at this env step: curves are cut after it (runs of different budgets)",
+    )
     args = parser.parse_args(argv)
     try:
-        compare(args.experiment, args.tracking_uri, args.output, args.metric)
+        compare(args.experiment, args.tracking_uri, args.output, args.metric, args.at_step)
     except MbviError as err:
         print(f"mbvi: error: {err}", file=sys.stderr)
         return 2

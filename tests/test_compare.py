@@ -24,7 +24,9 @@ from mbvi.compare import (
     iteration_keys,
     mean_std,
     summarize,
+    truncate,
 )
+from mbvi.errors import ComparisonError
 from tests.conftest import CONFIGS, MBVI, cli_env
 
 TINY = str(CONFIGS / "pendulum" / "tiny.yaml")
@@ -77,6 +79,18 @@ def test_summarize_groups_by_design_choice():
     assert direct.wall_clock_s == 20.0
     assert direct.steps_per_s == 30.0  # mean of the runs' means 40 and 20
     assert iterative.seeds == ["0"] and (iterative.final_mean, iterative.final_std) == (-3.0, 0.0)
+
+
+def test_at_step_compares_runs_of_different_budgets_at_equal_steps():
+    long = run_data(DIRECT, "0", {100: 1.0, 200: 2.0, 300: 9.0}, j_iter={0: {100: -1.0, 300: 0.0}})
+    short = run_data(ITERATIVE, "0", {100: 3.0, 200: 4.0})
+    direct, iterative = summarize(truncate([long, short], 200))
+    assert (direct.final_mean, direct.env_steps) == (2.0, 200)
+    assert (iterative.final_mean, iterative.env_steps) == (4.0, 200)
+    assert truncate([long], 250)[0].j_iter == {0: {100: -1.0}}
+    assert long.curve[300] == 9.0  # the runs read from the store are not modified
+    with pytest.raises(ComparisonError, match=r"--at-step 50: .*run-0 \(first at 100\)"):
+        truncate([long], 50)
 
 
 def test_improvement_over_iterations_absolute_and_relative():
