@@ -57,6 +57,8 @@ class Objective:
     def __init__(self, states: torch.Tensor, value: ValueFn, prior: Prior, alpha):
         self.states, self.value, self.prior, self.alpha = states, value, prior, alpha
         self.prior_dist = prior.distribution(states)
+        # Set once a gradient engine has checked that Q̂ is differentiable in actions.
+        self._value_differentiable = False
 
     def subset(self, rows: slice) -> Objective:
         """The same objective restricted to the states ``rows`` (the prior's tanh-Gaussian

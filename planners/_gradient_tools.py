@@ -124,7 +124,10 @@ def objective_gradient(
 
 def _check_value_differentiable(objective: Objective, loc: torch.Tensor) -> None:
     """Fail loudly, rather than follow ∇KL alone, when Q̂ blocks gradients to actions
-    (e.g. a target critic run under ``torch.no_grad``).  Costs one action per state."""
+    (e.g. a target critic run under ``torch.no_grad``).  Costs one action per state,
+    once per objective (an engine's K iterations share the check)."""
+    if objective._value_differentiable:
+        return
     probe = torch.zeros_like(loc).unsqueeze(-2).requires_grad_(True)
     if not objective.value(objective.states, probe).requires_grad:
         raise ValueError(
@@ -133,3 +136,4 @@ def _check_value_differentiable(objective: Objective, loc: torch.Tensor) -> None
             "actions with frozen parameters, e.g. partial(value, frozen=True), not a "
             "function run under torch.no_grad"
         )
+    objective._value_differentiable = True
