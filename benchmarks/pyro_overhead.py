@@ -69,8 +69,31 @@ def _interleaved_medians_ms(steps, repeats: int, warmup: int = 3) -> list[float]
     return [1e3 * statistics.median(record) for record in times]
 
 
-def time_pair(model, policy_net, n_states: int, repeats: int) -> tuple[float, float]:
-    """(Pyro ms, native ms) for objective + gradient at ``n_states`` × N particles."""
+def networks_only(model, policy_net, states, params):
+    """The floor under either side: the same H+1 policy calls, H dynamics and reward
+    calls and the leaf Q̂ with their gradient, without the objective's log-ratio and
+    bookkeeping (what remains if the objective itself were free)."""
+    n = model.n_particles
+    loc, log_scale = policy_net(states)
+    s, total = states.repeat_interleave(n, 0), 0.0
+    for t in range(model.horizon + 1):
+        if t:
+            loc, log_scale = policy_net(s)
+        u = loc + log_scale.exp() * torch.randn(s.shape[0], ACT_DIM)
+        a = torch.tanh(u)
+        if t < model.horizon:
+            total = total + model.reward_fn(s, a).sum()
+            s = model.dynamics(s, a)
+    b = states.shape[0]
+    total = total + model.leaf_value(s.view(b, n, -1)[:, 0], a.view(b, n, -1)).sum()
+    torch.autograd.grad(total, params)
+
+
+def time_pair(
+    model, policy_net, n_states: int, repeats: int, floor: bool = False
+) -> tuple[float, ...]:
+    """(Pyro ms, native ms[, networks-only ms]) for objective + gradient at
+    ``n_states`` × N particles."""
     states = torch.randn(n_states, OBS_DIM)
     params = list(policy_net.parameters())
 
@@ -86,8 +109,10 @@ def time_pair(model, policy_net, n_states: int, repeats: int) -> tuple[float, fl
         j, _ = native_objective(model, states, policy=policy)
         torch.autograd.grad(j.sum(), params)
 
-    pyro_ms, native_ms = _interleaved_medians_ms([pyro_step, native_step], repeats)
-    return pyro_ms, native_ms
+    steps = [pyro_step, native_step]
+    if floor:
+        steps.append(lambda: networks_only(model, policy_net, states, params))
+    return tuple(_interleaved_medians_ms(steps, repeats))
 
 
 def main() -> None:
@@ -108,7 +133,13 @@ def main() -> None:
     )
     pyro.enable_validation(True)  # Pyro's default under `python` (__debug__)
     update_pyro, update_native = time_pair(model, policy_net, 256, args.repeats)
-    act_pyro, act_native = time_pair(model, policy_net, 1, 3 * args.repeats)
+    act_pyro, act_native, act_floor = time_pair(model, policy_net, 1, 3 * args.repeats, True)
+    print(
+        f"act_floor networks_only_ms={act_floor:.3g}: the policy, dynamics, reward and leaf "
+        f"networks alone (forward + gradient) cost {act_floor / act_native:.0%} of the "
+        "native step, so act_speedup cannot exceed act_pyro_ms / networks_only_ms "
+        f"= {act_pyro / act_floor:.3g}"
+    )
     print(
         f"pyro_overhead update_pyro_ms={update_pyro:.3g} update_native_ms={update_native:.3g} "
         f"update_speedup={update_pyro / update_native:.3g} act_pyro_ms={act_pyro:.3g} "
