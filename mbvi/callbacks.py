@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tqdm.auto import tqdm
 
 
@@ -51,7 +52,9 @@ class EnvStepCheckpoint(L.Callback):
             self.save(trainer, agent)
 
     def on_exception(self, trainer, agent, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt):
+        # Ctrl-C, or SIGTERM (a scheduler ending a job), which Lightning turns into an
+        # exception: both stop a healthy run, so it is resumable and marked KILLED.
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
             path = self.save(trainer, agent)
             print(f"\ninterrupted at env step {agent.env_steps}; checkpoint written to {path}")
             if hasattr(trainer.logger, "mark_killed"):
@@ -97,4 +100,5 @@ class EnvStepProgress(L.Callback):
             self.bar.close()
             self.bar = None
 
-    on_exception = on_train_end
+    def on_exception(self, trainer, agent, exception: BaseException) -> None:
+        self.on_train_end(trainer, agent)

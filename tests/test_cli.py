@@ -163,7 +163,9 @@ def test_checkpoint_from_another_env_is_rejected(trained, workdir):
     )
 
 
-def test_ctrl_c_writes_a_checkpoint_and_marks_the_run_killed(workdir):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_writes_a_checkpoint_and_marks_the_run_killed(workdir, sig):
+    """Ctrl-C, or SIGTERM from a job scheduler, with the progress bar on (the default)."""
     proc = subprocess.Popen(
         [
             MBVI,
@@ -174,6 +176,8 @@ def test_ctrl_c_writes_a_checkpoint_and_marks_the_run_killed(workdir):
             "1000000",
             "--model.buffer_size",
             "5000",
+            "--model.progress_refresh_s",
+            "0.5",
         ],
         cwd=workdir,
         env=cli_env(),
@@ -193,7 +197,7 @@ def test_ctrl_c_writes_a_checkpoint_and_marks_the_run_killed(workdir):
                 continue
             if found and "perf/env_steps_per_s" in found[0].data.metrics:
                 break
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
