@@ -6,34 +6,39 @@ HalfCheetah-v5 sizes (S = 17, A = 6), twin Q 2x256, inference networks 2x256:
 * ``direct``: ``Direct`` engine, ``UniformPrior``, batch 256 (SAC);
 * ``iterative_paper``: ``Iterative`` with K = 2, N = 200, ``ConstantTanhGaussianPrior``,
   batch 128 (the paper's §4.1 setting);
-* ``iterative_cheap``: the same with N = 16;
+* ``iterative_cheap``: the same with N = 4 antithetic samples
+  (``configs/halfcheetah/iterative_sac_cpu.yaml``);
 
 plus the machine's fp32 matmul peak (best GFLOP/s of 512² and 1024² matmuls), and
 ``peak_fraction`` = (FLOPs of the paper-setting update / its median time) / peak.
 
-FLOP count (``update_flops``): matmul FLOPs only (2·rows·in·out per linear layer and
-pass; Adam, Polyak averaging, tanh, sampling and KL are elementwise and not counted).
-A backward pass costs one such product for the weight gradient (only where the weights
-are trained) plus one for the input gradient (skipped for a first layer whose input
-needs no gradient).  With q = twin Q (E = 2, 23→256→256→1), π = Direct's 17→256→256→12,
-f = Iterative's (17+4A)→256→256→4A network, B states, N samples, K iterations:
+FLOP count (``update_flops``): matmul FLOPs actually performed (2·rows·in·out per
+linear layer and pass; Adam, Polyak averaging, tanh, sampling and KL are elementwise and
+not counted).  The critic being trained (value loss) runs through autograd: forward,
+then weight gradients and input gradients (none for its first layer).  Wherever the
+critic is frozen (inference, targets, the engines' losses) it runs through
+``FrozenReducedQ``: its first layer computes the state's share once per state and the
+action's once per action, and its backward pass has no weight gradients and sends each
+action through the one member that attains the min (so B·N rows, not E·B·N).  With
+q = twin Q (E = 2, 23→256→256→1), π = Direct's 17→256→256→12, f = Iterative's
+(17+4A)→256→256→4A network, B states, N samples, K iterations:
 
-    direct      next:   π fwd(B) + q fwd(B)                            (no grad)
+    fq(B, N)  = frozen forward: E·(B·S·H + B·N·(A·H + H·H + H))·2
+    bq(B, N)  = frozen backward: B·N·(H·H + H·A)·2
+    direct      next:   π fwd(B) + fq(B, 1)
                 value:  q fwd(B) + q bwd(B; weights, no first-input)
-                engine: π fwd(B) + q fwd(B) + q bwd(B; input only) + π bwd(B; weights)
-    iterative   ∇λJ̃ estimate g = q fwd(B) (differentiability probe)
-                                 + q fwd(B·N) + q bwd(B·N; input only)
-                next:   K·(g + f fwd(B)) + q fwd(B)                   (targets, at s')
+                engine: π fwd(B) + fq(B, 1) + bq(B, 1) + π bwd(B; weights, no first-input)
+    iterative   unroll = fq(B, 1) (differentiability check, once per objective)
+                         + K·(fq(B, N) + bq(B, N) + f fwd(B))
+                next:   unroll + fq(B, 1)                          (targets, at s')
                 value:  as direct
-                engine: K·(g + f fwd(B)) + q fwd(B)  (J̃_0)
-                        + K·(q fwd(B) + q bwd(B; input only))         (J̃_k, 1 sample)
+                engine: unroll + fq(B, 1)  (J̃_0)  + K·(fq(B, 1) + bq(B, 1))  (J̃_k)
                         + f bwd(B; weights, no first-input)
                         + (K−1)·f bwd(B; weights and input)           (λ_k feeds step k+1)
 
-At the paper's setting the 2·K gradient estimates over B·N = 25,600 actions are 98.9%
-of the 59.4 GFLOP; direct SAC is 0.58 GFLOP.  The first (untimed) update of each
-setting runs under ``torch.utils.flop_counter.FlopCounterMode`` and its count is
-printed next to the analytic one (they agree exactly for these three settings).
+The first (untimed) update of each setting runs under
+``torch.utils.flop_counter.FlopCounterMode`` and its count is printed next to the
+analytic one.
 
     python benchmarks/iterative_cost.py [--repeats 5] [--threads 0]
 
@@ -73,20 +78,32 @@ class _Mlp:
         return (self.fwd(rows) if weights else 0) + self.fwd(rows) - (0 if first_input else first)
 
 
+def frozen_q_fwd(b: int, n: int) -> int:
+    """Matmul FLOPs of ``FrozenReducedQ``'s forward on B states × N actions."""
+    h0, h1 = HIDDEN
+    return 2 * MEMBERS * (b * OBS * h0 + b * n * (ACT * h0 + h0 * h1 + h1))
+
+
+def frozen_q_bwd(b: int, n: int) -> int:
+    """Matmul FLOPs of its backward (w.r.t. actions; min: one member per action)."""
+    h0, h1 = HIDDEN
+    return 2 * b * n * (h1 * h0 + h0 * ACT)
+
+
 def update_flops(engine: str, batch: int, n_samples: int = 0, iterations: int = 0) -> int:
     """Matmul FLOPs of one ``update`` (see the module docstring)."""
     q = _Mlp([OBS + ACT, *HIDDEN, 1], MEMBERS)
-    value = q.fwd(batch) + q.bwd(batch, weights=True, first_input=False)
+    fq, bq, b = frozen_q_fwd, frozen_q_bwd, batch
+    value = q.fwd(b) + q.bwd(b, weights=True, first_input=False)
     if engine == "direct":
         pi = _Mlp([OBS, *HIDDEN, 2 * ACT])
-        nxt = pi.fwd(batch) + q.fwd(batch)
-        eng = pi.fwd(batch) + q.fwd(batch) + q.bwd(batch, weights=False, first_input=True)
-        return nxt + value + eng + pi.bwd(batch, weights=True, first_input=False)
-    f, b, k = _Mlp([OBS + 4 * ACT, *HIDDEN, 4 * ACT]), batch, iterations
-    g = q.fwd(b) + q.fwd(b * n_samples) + q.bwd(b * n_samples, weights=False, first_input=True)
-    unroll = k * (g + f.fwd(b))
-    nxt = unroll + q.fwd(b)
-    eng = unroll + q.fwd(b) + k * (q.fwd(b) + q.bwd(b, weights=False, first_input=True))
+        nxt = pi.fwd(b) + fq(b, 1)
+        eng = pi.fwd(b) + fq(b, 1) + bq(b, 1) + pi.bwd(b, weights=True, first_input=False)
+        return nxt + value + eng
+    f, k = _Mlp([OBS + 4 * ACT, *HIDDEN, 4 * ACT]), iterations
+    unroll = fq(b, 1) + k * (fq(b, n_samples) + bq(b, n_samples) + f.fwd(b))
+    nxt = unroll + fq(b, 1)
+    eng = unroll + fq(b, 1) + k * (fq(b, 1) + bq(b, 1))
     eng += f.bwd(b, weights=True, first_input=False) + (k - 1) * f.bwd(b, True, True)
     return nxt + value + eng
 
@@ -152,8 +169,8 @@ def main() -> None:
         "direct": (Direct(hidden=HIDDEN), UniformPrior(), 256, {}),
         "iterative_paper": (Iterative(hidden=HIDDEN, iterations=2, n_samples=200),
                             ConstantTanhGaussianPrior(), 128, dict(n_samples=200, iterations=2)),
-        "iterative_cheap": (Iterative(hidden=HIDDEN, iterations=2, n_samples=16),
-                            ConstantTanhGaussianPrior(), 128, dict(n_samples=16, iterations=2)),
+        "iterative_cheap": (Iterative(hidden=HIDDEN, iterations=2, n_samples=4, antithetic=True),
+                            ConstantTanhGaussianPrior(), 128, dict(n_samples=4, iterations=2)),
     }  # fmt: skip
     ms, flops = {}, {}
     for name, (engine, prior, batch, shape) in settings.items():
