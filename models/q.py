@@ -67,6 +67,12 @@ def _ensemble_forward(
     return q, hidden
 
 
+def _relu_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``grad`` where the ReLU output ``out`` is positive, else 0: ReLU's own backward
+    kernel (one fused op; a mask plus ``masked_fill`` is ~10x slower on CPU)."""
+    return torch.ops.aten.threshold_backward(grad, out, 0.0)
+
+
 class FrozenReducedQ(torch.autograd.Function):
     """Q̂(s, a) = reduce_e Q_ψe(s, a) with ψ constant, differentiable in ``a`` only.
 
@@ -110,7 +116,7 @@ class FrozenReducedQ(torch.autograd.Function):
             d = d.unsqueeze(1) * weights[-1][e].squeeze(-1)  # [R_e, H_L]
             for layer in range(len(hidden) - 1, -1, -1):
                 h = hidden[layer][e] if rows is None else hidden[layer][e].index_select(0, rows)
-                d = d.masked_fill_(h <= 0, 0.0)
+                d = _relu_backward(d, h)
                 w = weights[layer][e] if layer else weights[0][e, obs_dim:]
                 d = d @ w.t()
             if rows is None:

@@ -140,3 +140,16 @@ def test_amortisation_gap_is_logged(workdir):
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     (gap,) = client.get_metric_history(logger.run_id, "inference/amortisation_gap")
     assert gap.step == 200 and gap.value > -0.5  # refinement starts from the engine's answer
+
+
+def test_parts_with_equal_learning_rates_share_an_adam_group():
+    """Fewer param groups make Adam's step cheaper; each part still gets its own lr."""
+    kw = dict(engine=Direct(hidden=(8, 8)), value=TwinQ(hidden=(8, 8)), **TINY_AGENT)
+    groups = VariationalAgent("Pendulum-v1", **kw).configure_optimizers().param_groups
+    assert len(groups) == 1 and len(groups[0]["params"]) == 6 + 6 + 1  # Q, π, log α
+    agent = VariationalAgent("Pendulum-v1", value_lr=1e-3, alpha_lr=0.1, **kw)
+    lr_of = {id(p): g["lr"] for g in agent.configure_optimizers().param_groups for p in g["params"]}
+    assert {lr_of[id(p)] for p in agent.value.q.parameters()} == {1e-3}
+    assert not any(id(p) in lr_of for p in agent.value.q_target.parameters())  # Polyak only
+    assert {lr_of[id(p)] for p in agent.engine.parameters()} == {3e-4}
+    assert lr_of[id(agent.log_alpha)] == 0.1
