@@ -103,9 +103,11 @@ def objective_gradient(
     λ is differentiated (``torch.autograd.grad``), so no ``.grad`` of the value
     estimate is ever touched; works under a caller's ``torch.no_grad``.
     ``antithetic`` draws the samples in ± pairs (``TanhGaussian.standard_normal``).  States are
-    processed ``CHUNK_ROWS // n_samples`` at a time (same result, less memory traffic).
+    processed ``CHUNK_ROWS // n_samples`` at a time on CPU (same result, less memory
+    traffic); on other devices in one pass.
     """
-    step = max(1, CHUNK_ROWS // n_samples)
+    on_cpu = loc.device.type == "cpu"  # a GPU wants the whole batch at once
+    step = max(1, CHUNK_ROWS // n_samples) if on_cpu else loc.shape[0]
     parts = []
     with torch.enable_grad():
         _check_value_differentiable(objective, loc)
