@@ -14,6 +14,7 @@ The budget is counted in environment steps (``env_steps``), never in
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import time
@@ -53,6 +54,41 @@ def component_params(name: str, module: torch.nn.Module) -> dict[str, object]:
         if arg != "self" and hasattr(module, arg):
             params[f"{name}.{arg}"] = getattr(module, arg)
     return params
+
+
+def component_spec(module: torch.nn.Module) -> dict[str, object]:
+    """``{"class_path", "init_args"}`` of a component, as in a config: what a checkpoint
+    keeps so that ``load_from_checkpoint`` rebuilds the same prior, engine and value.
+
+    Reads each constructor argument from the attribute of the same name (the
+    components' convention); raises ``ConfigError`` for a component that does not keep
+    one, rather than let a loaded agent fall back to a default silently.
+    """
+    cls = type(module)
+    args, missing = {}, []
+    for arg, param in list(inspect.signature(cls.__init__).parameters.items())[1:]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if not hasattr(module, arg):
+            missing.append(arg)
+            continue
+        value = getattr(module, arg)
+        args[arg] = list(value) if isinstance(value, tuple) else value
+    if missing:
+        raise ConfigError(
+            f"{cls.__name__} keeps no attribute for its argument(s) {', '.join(missing)}: "
+            "store each constructor argument as self.<name> so checkpoints can rebuild it"
+        )
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
+
+
+def build_component(spec: torch.nn.Module | dict | None) -> torch.nn.Module | None:
+    """A component from ``component_spec``'s dict (as saved in a checkpoint), or as is."""
+    if not isinstance(spec, dict):
+        return spec
+    module_name, _, name = spec["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), name)
+    return cls(**spec.get("init_args", {}))
 
 
 class VariationalAgent(L.LightningModule):
@@ -131,7 +167,7 @@ class VariationalAgent(L.LightningModule):
         ]:
             if v < 1:
                 raise ConfigError(f"{name} must be >= 1, got {v}")
-        self.save_hyperparameters(ignore=["prior", "engine", "value"])
+        prior, engine, value = (build_component(c) for c in (prior, engine, value))
         self.automatic_optimization = False
         L.seed_everything(seed, verbose=False)
 
@@ -141,6 +177,11 @@ class VariationalAgent(L.LightningModule):
         self.prior = prior if prior is not None else UniformPrior()
         self.engine = engine if engine is not None else Direct()
         self.value = value if value is not None else TwinQ()
+        # Components as config dicts, not objects: checkpoints stay loadable with
+        # weights_only=True, and load_from_checkpoint rebuilds these very components.
+        self.save_hyperparameters(ignore=["prior", "engine", "value"])
+        for name in ("prior", "engine", "value"):
+            self.hparams[name] = component_spec(getattr(self, name))
         for part in (self.prior, self.engine, self.value):
             part.build(obs_dim, act_dim)
         self.engine.check_prior(self.prior)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from mbvi import VariationalAgent
 from tests.conftest import CONFIGS, MBVI, cli_env
 
 TINY = str(CONFIGS / "pendulum" / "tiny.yaml")
@@ -207,3 +208,15 @@ def test_ctrl_c_writes_a_checkpoint_and_marks_the_run_killed(workdir, sig):
     state = torch.load(ckpt, weights_only=False)
     assert state["mbvi"]["env_steps"] >= 50
     assert f"interrupted at env step {state['mbvi']['env_steps']}" in out
+
+
+def test_a_checkpoint_loads_as_the_trained_agent(trained):
+    """load_from_checkpoint rebuilds the configured components (32-wide networks here,
+    not the defaults) with the trained weights, from a weights_only load."""
+    _, _, _, ckpt = trained
+    agent = VariationalAgent.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    assert agent.engine.hidden == (32, 32) and agent.value.hidden == (32, 32)
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    for name, tensor in agent.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    assert agent.env_steps == 300 and len(agent.buffer) == 300
