@@ -14,7 +14,7 @@ when a run logged ``engine/j_iter_k``, ``<experiment>_inference_improvement.png`
 ``--at-step N`` compares the runs at equal env steps: every curve (the metric's and
 J̃_k's) is cut after step N, so "final" means the last value at or before N.  That is
 how runs with different budgets are compared (e.g. direct SAC trained for 100k steps
-against iterative SAC trained for 50k).
+against iterative SAC trained for 50k).  Wall-clock and steps/s stay whole-run figures.
 
 Figures, table (``compare.txt``) and ``summary.json`` are logged as artifacts of a new
 run named ``compare`` in the same experiment, tagged ``mbvi.compare`` (later compares
