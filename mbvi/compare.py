@@ -7,7 +7,8 @@ Reads the experiment's FINISHED runs and groups them by (engine, prior, value, e
 A table row per group: the seeds; the final metric (each run's value at its last logged
 step), mean ± std over seeds (population std, 0 for one seed); the env steps reached
 (the group's smallest last step); the wall-clock (mean run duration); steps/s (mean over
-seeds of each run's mean ``perf/env_steps_per_s``, warm-up included).  Figures
+seeds of each run's env steps reached divided by its duration: warm-up, evaluation and
+start-up included, what a researcher waits for).  Figures
 (``mbvi.figures``) written to ``--output``: ``<experiment>_returns.png`` (Fig. 3b) and,
 when a run logged ``engine/j_iter_k``, ``<experiment>_inference_improvement.png`` (Fig. 2).
 
@@ -54,7 +55,7 @@ class RunData:
     seed: str
     curve: Curve  # the compared metric
     duration_s: float
-    steps_per_s: list[float] = field(default_factory=list)
+    env_steps: int = 0  # the last env step the run logged anything at
     j_iter: dict[int, Curve] = field(default_factory=dict)  # k -> J̃_k history
 
 
@@ -120,7 +121,7 @@ def summarize(runs: Sequence[RunData]) -> list[GroupSummary]:
     """One ``GroupSummary`` per (engine, prior, value, env_id), sorted by group."""
     rows = []
     for group, members in group_runs(runs).items():
-        speeds = [float(np.mean(r.steps_per_s)) for r in members if r.steps_per_s]
+        speeds = [r.env_steps / r.duration_s for r in members if r.env_steps and r.duration_s > 0]
         final_mean, final_std = mean_std([final_value(r.curve) for r in members])
         rows.append(
             GroupSummary(
@@ -248,14 +249,15 @@ def load_runs(client, experiment: str, metric: str) -> tuple[str, list[RunData]]
 def _run_data(client, run, metric: str) -> RunData:
     rid = run.info.run_id
     ks = iteration_keys(run.data.metrics)
+    curve = _history(client, rid, metric)
     return RunData(
         run_id=rid,
         name=run.info.run_name,
         group=tuple(run.data.params[p] for p in GROUP_PARAMS),
         seed=run.data.params["seed"],
-        curve=_history(client, rid, metric),
+        curve=curve,
         duration_s=((run.info.end_time or run.info.start_time) - run.info.start_time) / 1e3,
-        steps_per_s=list(_history(client, rid, SPEED).values()),
+        env_steps=max([*curve, *_history(client, rid, SPEED)], default=0),
         j_iter={k: _history(client, rid, f"{J_ITER}{k}") for k in ks},
     )
 

@@ -68,16 +68,16 @@ def test_align_keeps_only_steps_common_to_all_seeds_in_order():
 
 def test_summarize_groups_by_design_choice():
     runs = [
-        run_data(DIRECT, "1", {100: 0.0, 200: 4.0}, duration_s=30.0, steps_per_s=[10.0, 30.0]),
-        run_data(ITERATIVE, "0", {100: -5.0, 150: -3.0}, steps_per_s=[2.0]),
-        run_data(DIRECT, "0", {100: 0.0, 250: 2.0}, duration_s=10.0, steps_per_s=[40.0]),
+        run_data(DIRECT, "1", {100: 0.0, 200: 4.0}, duration_s=30.0, env_steps=600),
+        run_data(ITERATIVE, "0", {100: -5.0, 150: -3.0}, env_steps=150),
+        run_data(DIRECT, "0", {100: 0.0, 250: 2.0}, duration_s=10.0, env_steps=400),
     ]
     direct, iterative = summarize(runs)  # sorted by group: Direct before Iterative
     assert direct.group == DIRECT and direct.seeds == ["0", "1"]
     assert (direct.final_mean, direct.final_std) == (3.0, 1.0)
     assert direct.env_steps == 200  # the smaller of the last steps 250 and 200
     assert direct.wall_clock_s == 20.0
-    assert direct.steps_per_s == 30.0  # mean of the runs' means 40 and 20
+    assert direct.steps_per_s == 30.0  # mean of 400 steps / 10 s and 600 steps / 30 s
     assert iterative.seeds == ["0"] and (iterative.final_mean, iterative.final_std) == (-3.0, 0.0)
 
 
