@@ -113,10 +113,7 @@ def main() -> None:
                 g = gradient(objective, lam.loc, lam.log_scale, draw(lam))
                 errors += ((g - ref).norm(dim=-1) / ref.norm(dim=-1)).tolist()
             err = statistics.median(errors)
-            print(
-                f"{place:9s} {name:7s} rel_error={err:.3f}",
-                flush=True,
-            )
+            print(f"{place:9s} {name:7s} rel_error={err:.3f}", flush=True)
             parts.append(f"{name}={err:.3f}")
     print("gradient_estimators " + " ".join(parts))
 

@@ -14,8 +14,6 @@ The budget is counted in environment steps (``env_steps``), never in
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 import time
 from functools import partial
@@ -26,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from mbvi.callbacks import EnvStepCheckpoint, EnvStepProgress
+from mbvi.components import build_component, component_params, component_spec
 from mbvi.diagnostics import amortisation_gap
 from mbvi.errors import ConfigError, NonFiniteError
 from mbvi.objectives import Objective, alpha_loss, soft_td_target
@@ -45,50 +44,6 @@ class _Ticks(IterableDataset):
     def __iter__(self):
         while True:
             yield 0
-
-
-def component_params(name: str, module: torch.nn.Module) -> dict[str, object]:
-    """``{name: class name, name.arg: value}`` for a component's constructor arguments."""
-    params: dict[str, object] = {name: type(module).__name__}
-    for arg in inspect.signature(type(module).__init__).parameters:
-        if arg != "self" and hasattr(module, arg):
-            params[f"{name}.{arg}"] = getattr(module, arg)
-    return params
-
-
-def component_spec(module: torch.nn.Module) -> dict[str, object]:
-    """``{"class_path", "init_args"}`` of a component, as in a config: what a checkpoint
-    keeps so that ``load_from_checkpoint`` rebuilds the same prior, engine and value.
-
-    Reads each constructor argument from the attribute of the same name (the
-    components' convention); raises ``ConfigError`` for a component that does not keep
-    one, rather than let a loaded agent fall back to a default silently.
-    """
-    cls = type(module)
-    args, missing = {}, []
-    for arg, param in list(inspect.signature(cls.__init__).parameters.items())[1:]:
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        if not hasattr(module, arg):
-            missing.append(arg)
-            continue
-        value = getattr(module, arg)
-        args[arg] = list(value) if isinstance(value, tuple) else value
-    if missing:
-        raise ConfigError(
-            f"{cls.__name__} keeps no attribute for its argument(s) {', '.join(missing)}: "
-            "store each constructor argument as self.<name> so checkpoints can rebuild it"
-        )
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
-
-
-def build_component(spec: torch.nn.Module | dict | None) -> torch.nn.Module | None:
-    """A component from ``component_spec``'s dict (as saved in a checkpoint), or as is."""
-    if not isinstance(spec, dict):
-        return spec
-    module_name, _, name = spec["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), name)
-    return cls(**spec.get("init_args", {}))
 
 
 class VariationalAgent(L.LightningModule):

@@ -6,6 +6,7 @@ Shapes: B states, N action samples, A action dims.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -63,17 +64,10 @@ class Objective:
     def subset(self, rows: slice) -> Objective:
         """The same objective restricted to the states ``rows`` (the prior's tanh-Gaussian
         is sliced, not recomputed)."""
-        part = object.__new__(Objective)
-        part.states, part.value, part.prior, part.alpha = (
-            self.states[rows],
-            self.value,
-            self.prior,
-            self.alpha,
-        )
-        dist = self.prior_dist
-        part.prior_dist = (
-            None if dist is None else TanhGaussian(dist.loc[rows], dist.log_scale[rows])
-        )
+        part = copy.copy(self)
+        part.states, dist = self.states[rows], self.prior_dist
+        if dist is not None:
+            part.prior_dist = TanhGaussian(dist.loc[rows], dist.log_scale[rows])
         return part
 
     def __call__(

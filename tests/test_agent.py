@@ -17,7 +17,7 @@ from mbvi import (
     UniformPrior,
     VariationalAgent,
 )
-from mbvi.agent import build_component, component_spec
+from mbvi.components import build_component, component_spec
 from mbvi.env import make_env
 from mbvi.errors import EnvError
 from mbvi.planners import Direct, GradientRefinement, Iterative
