@@ -58,13 +58,31 @@ def _ensemble_forward(
     w, bias = params[0], params[1]
     members, obs_dim = w.shape[0], s.shape[-1]
     h_s = torch.baddbmm(bias, s.unsqueeze(0).expand(members, b, obs_dim), w[:, :obs_dim])
-    h = torch.bmm(a.reshape(1, b * n, act_dim).expand(members, -1, -1), w[:, obs_dim:])
-    h.view(members, b, n, -1).add_(h_s.unsqueeze(2)).relu_()
+    if n >= _PER_STATE_FIRST_LAYER:
+        # One small matmul per (member, state) whose input is the state's share: the
+        # broadcast add is fused into the matmul instead of a pass over [E,B·N,H].
+        a_rep = a.unsqueeze(0).expand(members, b, n, act_dim).reshape(members * b, n, act_dim)
+        w_a = w[:, obs_dim:].unsqueeze(1).expand(members, b, act_dim, w.shape[-1])
+        w_a = w_a.reshape(members * b, act_dim, -1)
+        h = torch.baddbmm(h_s.view(members * b, 1, -1), a_rep, w_a)
+        h = h.relu_().view(members, b * n, -1)
+    else:
+        h = torch.bmm(a.reshape(1, b * n, act_dim).expand(members, -1, -1), w[:, obs_dim:])
+        h.view(members, b, n, -1).add_(h_s.unsqueeze(2)).relu_()
     hidden = [h]
     for w, bias in zip(params[2:-2:2], params[3:-2:2]):
         hidden.append(torch.baddbmm(bias, hidden[-1], w).relu_())
-    q = torch.baddbmm(params[-1], hidden[-1], params[-2]).squeeze(-1)
-    return q, hidden
+    # The output layer is a matrix-vector product per member: addmm runs it 3-4x faster
+    # on CPU than a batched matmul with one output column.
+    x, w, bias = hidden[-1], params[-2], params[-1]
+    q = x.new_empty(members, x.shape[1], 1)
+    for e in range(members):
+        torch.addmm(bias[e], x[e], w[e], out=q[e])
+    return q.squeeze(-1), hidden
+
+
+# Actions per state from which the first layer runs one matmul per (member, state).
+_PER_STATE_FIRST_LAYER = 32
 
 
 def _relu_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,12 @@ def _reference(q: QEnsemble, s, a, reduce):
 
 @pytest.mark.parametrize("reduce", ["min", "mean"])
 @pytest.mark.parametrize("members,hidden", [(2, (8, 8)), (3, (5,)), (2, (6, 7, 5))])
-def test_frozen_reduced_matches_autograd(reduce, members, hidden):
+@pytest.mark.parametrize("n", [1, 7, 40])  # both first-layer paths (per state from 32)
+def test_frozen_reduced_matches_autograd(reduce, members, hidden, n):
     torch.manual_seed(0)
     q = QEnsemble(4, 3, hidden, members).double()
     s = torch.randn(5, 4, dtype=torch.float64)
-    a = torch.rand(5, 7, 3, dtype=torch.float64) * 2 - 1
+    a = torch.rand(5, n, 3, dtype=torch.float64) * 2 - 1
     a_ref, a_fast = a.clone().requires_grad_(True), a.clone().requires_grad_(True)
     ref, fast = _reference(q, s, a_ref, reduce), q.frozen_reduced(s, a_fast, reduce)
     torch.testing.assert_close(fast, ref)
@@ -35,7 +36,7 @@ def test_frozen_reduced_gradcheck(reduce):
     torch.manual_seed(1)
     q = QEnsemble(3, 2, (6, 6), 2).double()
     s = torch.randn(2, 3, dtype=torch.float64)
-    a = (torch.rand(2, 4, 2, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    a = (torch.rand(2, 33, 2, dtype=torch.float64) * 2 - 1).requires_grad_(True)
     params = [p.detach() for layer in q.net.layers for p in (layer.weight, layer.bias)]
     assert torch.autograd.gradcheck(
         lambda a_: FrozenReducedQ.apply(a_, s, reduce, *params), (a,), eps=1e-6, atol=1e-6
