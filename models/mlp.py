@@ -10,10 +10,14 @@ from torch import nn
 
 
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
-    """ReLU MLP ``in_dim -> hidden... -> out_dim`` with a linear output."""
+    """ReLU MLP ``in_dim -> hidden... -> out_dim`` with a linear output.
+
+    The ReLUs run in place on the fresh output of their linear layer (whose backward
+    does not need it): one tensor fewer per layer to allocate and fill.
+    """
     layers: list[nn.Module] = []
     for width in hidden:
-        layers += [nn.Linear(in_dim, width), nn.ReLU()]
+        layers += [nn.Linear(in_dim, width), nn.ReLU(inplace=True)]
         in_dim = width
     layers.append(nn.Linear(in_dim, out_dim))
     return nn.Sequential(*layers)
@@ -52,5 +56,5 @@ class EnsembleMLP(nn.Module):
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(self.members, *x.shape)
         for layer in self.layers[:-1]:
-            x = torch.relu(layer(x, frozen))
+            x = layer(x, frozen).relu_()  # in place: baddbmm's backward does not need it
         return self.layers[-1](x, frozen)
