@@ -30,14 +30,17 @@ ENV_ID = "HalfCheetah-v5"
 
 
 class _Timer(L.Callback):
+    """Env steps per second between the first batch ending at or after ``start`` and
+    the one ending at or after ``stop`` (a batch holds several env steps)."""
+
     def __init__(self, start: int, stop: int):
-        self.start, self.stop, self.t0, self.rate = start, stop, 0.0, float("nan")
+        self.start, self.stop, self.t0, self.rate = start, stop, None, float("nan")
 
     def on_train_batch_end(self, trainer, agent, outputs, batch, batch_idx):
-        if agent.env_steps == self.start:
-            self.t0 = time.perf_counter()
-        elif agent.env_steps == self.stop:
-            self.rate = (self.stop - self.start) / (time.perf_counter() - self.t0)
+        if self.t0 is None and agent.env_steps >= self.start:
+            self.t0, self.s0 = time.perf_counter(), agent.env_steps
+        elif self.t0 is not None and agent.env_steps >= self.stop and self.rate != self.rate:
+            self.rate = (agent.env_steps - self.s0) / (time.perf_counter() - self.t0)
 
 
 def mbvi_rate(warmup: int, steps: int, seed: int) -> float:

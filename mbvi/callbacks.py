@@ -64,7 +64,7 @@ class EnvStepCheckpoint(L.Callback):
 class EnvStepProgress(L.Callback):
     """A tqdm bar over env steps: last episode return, steps/s and ETA.
 
-    It looks at the clock only every 64 steps and redraws at most every
+    It looks at the clock only every 8 batches and redraws at most every
     ``refresh_s`` seconds, so it costs nothing measurable.
     """
 
@@ -86,7 +86,7 @@ class EnvStepProgress(L.Callback):
         self._last = time.perf_counter()
 
     def on_train_batch_end(self, trainer, agent, outputs, batch, batch_idx) -> None:
-        if batch_idx % 64 or self.bar is None:
+        if batch_idx % 8 or self.bar is None:  # a batch is several env steps
             return
         now = time.perf_counter()
         if now - self._last >= self.refresh_s:
