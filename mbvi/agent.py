@@ -215,6 +215,12 @@ class VariationalAgent(L.LightningModule):
             self.logger.log_hyperparams(params)
         self._clock = (time.perf_counter(), self.env_steps)
 
+    def run_name(self) -> str:
+        """``<engine>-<prior>-seed<seed>``, e.g. ``Iterative-ConstantTanhGaussian-seed2``:
+        the default MLflow run name, so that a run list reads as the design choices."""
+        prior = type(self.prior).__name__.removesuffix("Prior") or type(self.prior).__name__
+        return f"{type(self.engine).__name__}-{prior}-seed{self.hparams.seed}"
+
     @property
     def alpha(self) -> torch.Tensor:
         return self.log_alpha.detach().exp()

@@ -63,6 +63,7 @@ class MbviCLI(LightningCLI):
         if ckpt_path:
             validate_checkpoint(ckpt_path, self.model)
         if isinstance(self.trainer.logger, MLflowTracker):
+            self.trainer.logger.default_run_name(self.model.run_name())
             self.trainer.logger.check_reachable()
 
 

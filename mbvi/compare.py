@@ -3,7 +3,9 @@
     mbvi compare --experiment NAME [--tracking_uri URI] [--output DIR] [--metric eval/return]
                  [--at-step N]
 
-Reads the experiment's FINISHED runs and groups them by (engine, prior, value, env_id).
+Reads the experiment's FINISHED runs and groups them by (engine, prior, value, env_id);
+a warning names any other setting that differs within a group (seed, budget and
+bookkeeping aside).
 A table row per group: the seeds; the final metric (each run's value at its last logged
 step), mean ± std over seeds (population std, 0 for one seed); the env steps reached
 (the group's smallest last step); the wall-clock (mean run duration); steps/s (mean over
@@ -57,6 +59,7 @@ class RunData:
     duration_s: float
     env_steps: int = 0  # the last env step the run logged anything at
     j_iter: dict[int, Curve] = field(default_factory=dict)  # k -> J̃_k history
+    params: dict[str, str] = field(default_factory=dict)  # every logged parameter
 
 
 @dataclass
@@ -162,6 +165,26 @@ def duplicate_seeds(summary: GroupSummary) -> list[str]:
     return sorted({s for s in summary.seeds if summary.seeds.count(s) > 1})
 
 
+# Parameters that may differ between the seeds of one row: the seed, the budget (runs
+# of different lengths are compared with --at-step) and bookkeeping.
+PER_RUN_PARAMS = frozenset(
+    {"seed", "total_env_steps", "checkpoint_every", "checkpoint_dir", "progress_refresh_s",
+     "log_every", "ckpt_path"}
+)  # fmt: skip
+
+
+def mixed_settings(members: Sequence[RunData]) -> dict[str, list[str]]:
+    """Parameters other than ``PER_RUN_PARAMS`` whose values differ between the runs of
+    one row, with their distinct values: the row averages over different settings."""
+    names = sorted(set().union(*(r.params for r in members)) - PER_RUN_PARAMS)
+    mixed = {}
+    for name in names:
+        values = sorted({r.params.get(name, "<unset>") for r in members})
+        if len(values) > 1:
+            mixed[name] = values
+    return mixed
+
+
 def label(group: tuple[str, ...]) -> str:
     engine, prior, value, env_id = group
     return f"{engine} · {prior} · {value} ({env_id})"
@@ -259,6 +282,7 @@ def _run_data(client, run, metric: str) -> RunData:
         duration_s=((run.info.end_time or run.info.start_time) - run.info.start_time) / 1e3,
         env_steps=max([*curve, *_history(client, rid, SPEED)], default=0),
         j_iter={k: _history(client, rid, f"{J_ITER}{k}") for k in ks},
+        params=dict(run.data.params),
     )
 
 
@@ -298,7 +322,15 @@ def compare(
     rows = summarize(runs)
     table = format_table(rows, metric)
     print(table)
+    groups = group_runs(runs)
     for row in rows:
+        if mixed := mixed_settings(groups[row.group]):
+            differences = "; ".join(f"{k}: {', '.join(v)}" for k, v in mixed.items())
+            print(
+                f"mbvi compare: {label(row.group)}: its runs differ in {differences}; the "
+                "row averages over them (compare such runs in separate experiments)",
+                file=sys.stderr,
+            )
         if dup := duplicate_seeds(row):
             print(
                 f"mbvi compare: {label(row.group)}: seed(s) {', '.join(dup)} appear in more "

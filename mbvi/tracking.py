@@ -31,7 +31,8 @@ class MLflowTracker(MLFlowLogger):
 
     Args:
         experiment_name: MLflow experiment that groups comparable runs.
-        run_name: name of the run (MLflow picks one when None).
+        run_name: name of the run; None names it ``<engine>-<prior>-seed<seed>`` (e.g.
+            ``Direct-Uniform-seed0``) when trained through ``mbvi fit``.
         tracking_uri: store URI; None reads MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.
         tags: extra run tags.
     """
@@ -77,6 +78,12 @@ class MLflowTracker(MLFlowLogger):
                 "Start the tracking server, fix the URI, or drop the option to use the "
                 f"embedded store {DEFAULT_TRACKING_URI}."
             ) from None
+
+    def default_run_name(self, name: str) -> None:
+        """Name the run ``name`` unless a run name was configured (call before the run
+        is created, i.e. before anything is logged)."""
+        if self._run_name is None and self._run_id is None:
+            self._run_name = name
 
     def mark_killed(self) -> None:
         self._killed = True

@@ -47,6 +47,7 @@ def trained(tmp_path_factory):
 def test_fit_records_params_metrics_artifacts_and_status(trained):
     cwd, client, run, ckpt = trained
     assert run.info.status == "FINISHED"
+    assert run.info.run_name == "Direct-Uniform-seed0"  # the design choices and the seed
     p = run.data.params
     assert (p["prior"], p["engine"], p["value"]) == ("UniformPrior", "Direct", "TwinQ")
     assert (p["env_id"], p["seed"], p["batch_size"]) == ("Pendulum-v1", "0", "32")

@@ -23,6 +23,7 @@ from mbvi.compare import (
     improvement,
     iteration_keys,
     mean_std,
+    mixed_settings,
     summarize,
     truncate,
 )
@@ -119,6 +120,16 @@ def test_table_lists_each_group_with_seeds_and_mean_std():
     assert "final eval/return" in header and set(rule) <= {"-", " "}
     assert line.split()[:4] == list(DIRECT)
     assert "2 [0, 1]" in line and "2.00 ± 1.00" in line and "10.0 s" in line
+
+
+def test_settings_that_differ_within_a_row_are_named():
+    runs = [
+        run_data(seed="0", params={"seed": "0", "batch_size": "256", "total_env_steps": "100000"}),
+        run_data(seed="1", params={"seed": "1", "batch_size": "128", "total_env_steps": "50000"}),
+        run_data(seed="2", params={"seed": "2", "batch_size": "128", "gamma": "0.9"}),
+    ]
+    assert mixed_settings(runs) == {"batch_size": ["128", "256"], "gamma": ["0.9", "<unset>"]}
+    assert mixed_settings(runs[1:2]) == {}
 
 
 def test_duplicate_seeds_are_reported():
