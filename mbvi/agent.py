@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from mbvi.callbacks import EnvStepCheckpoint, EnvStepProgress
+from mbvi.callbacks import DeferredInterrupt, EnvStepCheckpoint, EnvStepProgress
 from mbvi.components import build_component, component_params, component_spec
 from mbvi.diagnostics import amortisation_gap
 from mbvi.errors import ConfigError, NonFiniteError
@@ -168,7 +168,12 @@ class VariationalAgent(L.LightningModule):
     # ---- Lightning plumbing -------------------------------------------------------
     def configure_callbacks(self):
         hp = self.hparams
-        callbacks = [EnvStepCheckpoint(hp.checkpoint_every, hp.checkpoint_dir)]
+        # DeferredInterrupt after the checkpoint: an interrupt is raised once the batch's
+        # periodic checkpoint is written.
+        callbacks = [
+            EnvStepCheckpoint(hp.checkpoint_every, hp.checkpoint_dir),
+            DeferredInterrupt(),
+        ]
         if hp.progress_refresh_s > 0:
             callbacks.append(EnvStepProgress(hp.progress_refresh_s))
         return callbacks

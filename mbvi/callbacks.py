@@ -4,6 +4,8 @@ counted in environment steps (not ``trainer.global_step``, which counts optimize
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -102,3 +104,47 @@ class EnvStepProgress(L.Callback):
 
     def on_exception(self, trainer, agent, exception: BaseException) -> None:
         self.on_train_end(trainer, agent)
+
+
+class DeferredInterrupt(L.Callback):
+    """Ctrl-C stops training at the end of the current batch, not wherever it lands.
+
+    A KeyboardInterrupt raised inside an MLflow or SQLite call can leave a lock held,
+    and the shutdown (checkpoint artifact, run status) then waits on it forever.  While
+    training runs, the first Ctrl-C only sets a flag; the interrupt is raised at the
+    next batch end (at most a few env steps later), after that batch's checkpoint and
+    logging have completed, and Lightning's handling (checkpoint, KILLED) proceeds from
+    there.  A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self):
+        self._requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self._requested:  # asked twice: do not wait
+            self._restore()
+            raise KeyboardInterrupt
+        self._requested = True
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def on_train_start(self, trainer, agent) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._requested = False
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handler)
+
+    def on_train_batch_end(self, trainer, agent, outputs, batch, batch_idx) -> None:
+        if self._requested:
+            self._restore()
+            raise KeyboardInterrupt
+
+    def on_train_end(self, trainer, agent) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, agent, exception: BaseException) -> None:
+        self._restore()
