@@ -234,10 +234,11 @@ class VariationalAgent(L.LightningModule):
     def training_step(self, batch, batch_idx):
         """Up to ``ENV_STEPS_PER_BATCH`` env steps, each followed by its updates.
 
-        A Lightning batch costs ~0.8 ms of trainer bookkeeping (hooks, fetching, result
-        collection), about 6% of a SAC step on 2 CPU cores; several env steps per batch
-        pay it once.  A batch ends at every multiple of ``checkpoint_every``, so that
-        periodic checkpoints land on exact env steps, and at the end of the budget.
+        A Lightning batch costs hundreds of µs of trainer bookkeeping (hooks, fetching,
+        result collection; up to ~0.8 ms on a busy 2-core machine), a few percent of a
+        SAC step; several env steps per batch pay it once.  A batch ends at every
+        multiple of ``checkpoint_every``, so that periodic checkpoints land on exact env
+        steps, and at the end of the budget.
         """
         hp = self.hparams
         while True:
