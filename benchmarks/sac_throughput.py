@@ -14,6 +14,7 @@ Needs ``pip install -e ".[bench]"`` (stable-baselines3).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -34,12 +35,14 @@ class _Timer(L.Callback):
     the one ending at or after ``stop`` (a batch holds several env steps)."""
 
     def __init__(self, start: int, stop: int):
-        self.start, self.stop, self.t0, self.rate = start, stop, None, float("nan")
+        self.start, self.stop = start, stop
+        self.t0, self.s0, self.rate = None, 0, float("nan")
 
     def on_train_batch_end(self, trainer, agent, outputs, batch, batch_idx):
-        if self.t0 is None and agent.env_steps >= self.start:
-            self.t0, self.s0 = time.perf_counter(), agent.env_steps
-        elif self.t0 is not None and agent.env_steps >= self.stop and self.rate != self.rate:
+        if self.t0 is None:
+            if agent.env_steps >= self.start:
+                self.t0, self.s0 = time.perf_counter(), agent.env_steps
+        elif agent.env_steps >= self.stop and math.isnan(self.rate):
             self.rate = (agent.env_steps - self.s0) / (time.perf_counter() - self.t0)
 
 
