@@ -7,6 +7,8 @@ planning under priors written as Pyro programs.
     guide = model.guide(posterior, policy)         # any engine's posterior as a guide
     j_sum = model.elbo(guide, states)              # α·ELBO = Σ_b J(s_b), Trace_ELBO
     j, metrics = native_objective(model, states, posterior, policy)   # same, [B], fast
+    objective = compiled_objective()               # the same, compiled: for act-sized
+    j, metrics = objective(model, state, posterior, policy)    # batches in a loop
     plan = importance_plan(model, states)          # Eq. 11 weighted particles
     prior = ProgramPrior("examples.mixture_prior.two_gait_prior")   # an agent's prior
 
@@ -17,7 +19,7 @@ makes a prior program an agent's prior, chosen in a config by its import path.
 
 from mbvi.pyro.importance import WeightedParticles, importance_plan
 from mbvi.pyro.model import OptimalityModel, optimality_model
-from mbvi.pyro.native import native_objective
+from mbvi.pyro.native import compiled_objective, native_objective
 from mbvi.pyro.prior import ProgramPrior
 from mbvi.pyro.sites import ACTION, ClosedUniform, tanh_normal
 
@@ -27,6 +29,7 @@ __all__ = [
     "OptimalityModel",
     "ProgramPrior",
     "WeightedParticles",
+    "compiled_objective",
     "importance_plan",
     "native_objective",
     "optimality_model",
