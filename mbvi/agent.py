@@ -27,7 +27,9 @@ from mbvi.callbacks import DeferredInterrupt, EnvStepCheckpoint, EnvStepProgress
 from mbvi.components import build_component, component_params, component_spec
 from mbvi.diagnostics import amortisation_gap
 from mbvi.errors import ConfigError, NonFiniteError
+from mbvi.metrics import RunningMeans
 from mbvi.objectives import Objective, alpha_loss, soft_td_target
+from mbvi.optim import fused_adam
 from mbvi.planners.base import InferenceEngine
 from mbvi.planners.direct import Direct
 from mbvi.planners.gradient import GradientRefinement
@@ -159,8 +161,7 @@ class VariationalAgent(L.LightningModule):
         self.last_episode_return = float("nan")
         self.buffer: ReplayBuffer | None = None
         self._rng = np.random.default_rng(seed)
-        self._metric_sums: dict[str, torch.Tensor] = {}
-        self._metric_count = 0
+        self._metrics = RunningMeans()  # update metrics between flushes
         self._pending_rng: dict | None = None
         self._refiner: GradientRefinement | None = None  # built on first use
         self._clock = (time.perf_counter(), 0)
@@ -179,23 +180,15 @@ class VariationalAgent(L.LightningModule):
         return callbacks
 
     def configure_optimizers(self):
-        # One fused Adam over all parts, so an update is one backward pass and one
-        # optimizer step: the hot path.  Parts that share a learning rate share a param
-        # group (the defaults are all 3e-4): each group costs Adam a Python pass and a
-        # kernel launch, which is 40% of its step at SAC's sizes.
         hp = self.hparams
-        parts = [
-            ([p for p in self.value.parameters() if p.requires_grad], hp.value_lr),
-            ([p for p in self.engine.parameters() if p.requires_grad], hp.engine_lr),
-            ([self.log_alpha], hp.alpha_lr if hp.autotune_alpha else 0.0),
-            ([p for p in self.prior.parameters() if p.requires_grad], hp.prior_lr),
-        ]
-        by_lr: dict[float, list[torch.Tensor]] = {}
-        for params, lr in parts:
-            by_lr.setdefault(float(lr), []).extend(params)
-        groups = [{"params": params, "lr": lr} for lr, params in by_lr.items() if params]
-        fused = all(p.is_floating_point() for g in groups for p in g["params"])
-        return torch.optim.Adam(groups, fused=fused)
+        return fused_adam(
+            [
+                ([p for p in self.value.parameters() if p.requires_grad], hp.value_lr),
+                ([p for p in self.engine.parameters() if p.requires_grad], hp.engine_lr),
+                ([self.log_alpha], hp.alpha_lr if hp.autotune_alpha else 0.0),
+                ([p for p in self.prior.parameters() if p.requires_grad], hp.prior_lr),
+            ]
+        )
 
     def train_dataloader(self):
         return DataLoader(_Ticks(), batch_size=None)
@@ -255,7 +248,7 @@ class VariationalAgent(L.LightningModule):
         self._act_and_store()
         if self.env_steps > hp.warmup_steps and len(self.buffer) >= hp.batch_size:
             for _ in range(hp.updates_per_step):
-                self._accumulate(self.update(*self.buffer.sample(hp.batch_size)))
+                self._metrics.add(self.update(*self.buffer.sample(hp.batch_size)))
         if self.env_steps % hp.log_every == 0:
             self._flush_metrics()
         if self.env_steps % hp.eval_every == 0 or self.env_steps >= hp.total_env_steps:
@@ -271,7 +264,7 @@ class VariationalAgent(L.LightningModule):
             a = posterior.mean_action() if deterministic else posterior.rsample(1)[0][:, 0]
         action = a[0].detach().cpu().numpy()
         if not np.isfinite(action).all():
-            self._metric_means()  # names the loss that went non-finite, if one did
+            self._metrics.means(self.env_steps)  # names a loss that went non-finite
             raise NonFiniteError(
                 f"the action from the engine is NaN or Inf at env step {self.env_steps + 1}; "
                 "training stopped and the last good checkpoint is kept."
@@ -346,35 +339,14 @@ class VariationalAgent(L.LightningModule):
         }
 
     # ---- metrics --------------------------------------------------------------------
-    def _accumulate(self, metrics: dict[str, torch.Tensor]) -> None:
-        for k, v in metrics.items():
-            self._metric_sums[k] = self._metric_sums[k] + v if k in self._metric_sums else v
-        self._metric_count += 1
-
     def _flush_metrics(self) -> None:
         now, steps = time.perf_counter(), self.env_steps
         t0, s0 = self._clock
         out = {"perf/env_steps_per_s": (steps - s0) / max(now - t0, 1e-9)}
         self._clock = (now, steps)
-        out.update(self._metric_means())
-        self._metric_sums, self._metric_count = {}, 0
+        out.update(self._metrics.means(self.env_steps))
+        self._metrics.reset()
         self._log(out)
-
-    def _metric_means(self) -> dict[str, float]:
-        """Means of the metrics accumulated since the last flush (one host sync);
-        raises ``NonFiniteError`` naming the first quantity that is NaN or Inf."""
-        if not self._metric_count:
-            return {}
-        names = list(self._metric_sums)
-        means = (torch.stack([self._metric_sums[k] for k in names]) / self._metric_count).tolist()
-        for name, v in zip(names, means):
-            if not math.isfinite(v):
-                raise NonFiniteError(
-                    f"{name} became NaN or Inf by env step {self.env_steps}; training stopped "
-                    "and the last good checkpoint is kept. Try a lower learning rate or "
-                    "check the scale of the rewards."
-                )
-        return dict(zip(names, means))
 
     def _log(self, metrics: dict[str, float]) -> None:
         if self.logger is not None:
