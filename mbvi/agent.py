@@ -51,6 +51,29 @@ class _Ticks(IterableDataset):
             yield 0
 
 
+def _check_schedule(args: dict) -> None:
+    """ConfigError for counts and rates that would crash a run or make it train nothing."""
+    for name in ("total_env_steps", "batch_size", "updates_per_step", "buffer_size",
+                 "eval_every", "eval_episodes", "log_every", "checkpoint_every"):  # fmt: skip
+        if args[name] < 1:
+            raise ConfigError(f"{name} must be >= 1, got {args[name]}")
+    if not 0.0 < args["gamma"] <= 1.0:
+        raise ConfigError(f"gamma must be in (0, 1], got {args['gamma']}")
+    total, warmup = args["total_env_steps"], args["warmup_steps"]
+    if not 0 <= warmup < total:
+        raise ConfigError(
+            f"warmup_steps must be in [0, total_env_steps = {total}), got {warmup}: no update "
+            "would ever run. Lower --model.warmup_steps or raise --model.total_env_steps."
+        )
+    capacity = min(args["buffer_size"], total)
+    if args["batch_size"] > capacity:
+        raise ConfigError(
+            f"batch_size {args['batch_size']} exceeds the transitions the replay buffer can "
+            f"ever hold (min(buffer_size, total_env_steps) = {capacity}): no update would "
+            "ever run. Lower --model.batch_size or raise the buffer and budget."
+        )
+
+
 class VariationalAgent(L.LightningModule):
     """Variational RL agent: choose a prior, an inference engine and a value estimate.
 
@@ -118,15 +141,7 @@ class VariationalAgent(L.LightningModule):
         super().__init__()
         if init_alpha <= 0:
             raise ConfigError(f"init_alpha must be > 0, got {init_alpha}")
-        for name, v in [
-            ("total_env_steps", total_env_steps),
-            ("batch_size", batch_size),
-            ("eval_every", eval_every),
-            ("log_every", log_every),
-            ("checkpoint_every", checkpoint_every),
-        ]:
-            if v < 1:
-                raise ConfigError(f"{name} must be >= 1, got {v}")
+        _check_schedule(locals())
         prior, engine, value = (build_component(c) for c in (prior, engine, value))
         self.automatic_optimization = False
         L.seed_everything(seed, verbose=False)

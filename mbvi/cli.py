@@ -85,9 +85,25 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,
             args=args,
         )
-    except MbviError as err:
-        print(f"mbvi: error: {err}", file=sys.stderr)
+    except (MbviError, ValueError, TypeError) as err:
+        # jsonargparse wraps a component's ConfigError (e.g. Iterative(iterations=0))
+        # in a ValueError listing every subtype it tried: report the error itself.
+        cause = _mbvi_error(err)
+        if cause is None:
+            raise
+        print(f"mbvi: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def _mbvi_error(err: BaseException | None) -> MbviError | None:
+    """The first ``MbviError`` in ``err``'s chain of causes, if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, MbviError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ class ConstantTanhGaussianPrior(Prior):
     def __init__(self, loc: float = 0.0, scale: float = 1.0):
         super().__init__()
         if scale <= 0:
-            raise ValueError(f"ConstantTanhGaussianPrior scale must be > 0, got {scale}")
+            raise ConfigError(f"ConstantTanhGaussianPrior scale must be > 0, got {scale}")
         self.loc, self.scale = loc, scale
 
     def build(self, obs_dim: int, act_dim: int) -> None:

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mbvi.errors import ConfigError
 from mbvi.models.q import QEnsemble
 
 
@@ -48,7 +49,11 @@ class TwinQ(ValueEstimate):
     ):
         super().__init__()
         if reduce not in ("min", "mean"):
-            raise ValueError(f"TwinQ reduce must be 'min' or 'mean', got {reduce!r}")
+            raise ConfigError(f"TwinQ reduce must be 'min' or 'mean', got {reduce!r}")
+        if members < 1:
+            raise ConfigError(f"TwinQ members must be >= 1 (2 is SAC's twin Q), got {members}")
+        if not 0.0 < tau <= 1.0:
+            raise ConfigError(f"TwinQ tau must be in (0, 1] (SAC uses 0.005), got {tau}")
         self.hidden, self.members, self.reduce, self.tau = tuple(hidden), members, reduce, tau
 
     def build(self, obs_dim: int, act_dim: int) -> None:

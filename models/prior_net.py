@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from mbvi.distributions import LOG_SCALE_MAX
+from mbvi.errors import ConfigError
 from mbvi.models.policy import POLICY_LOG_SCALE_MIN, GaussianHead
 
 
@@ -33,7 +34,7 @@ class PriorNet(GaussianHead):
         lo, hi = POLICY_LOG_SCALE_MIN, LOG_SCALE_MAX
         log_scale = math.log(init_scale)
         if not lo < log_scale < hi:
-            raise ValueError(
+            raise ConfigError(
                 f"PriorNet init_scale must lie in (exp({lo}), exp({hi})), got {init_scale}"
             )
         # Invert GaussianHead's squash log_scale = lo + (hi - lo)/2 · (tanh(raw) + 1).

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from mbvi.distributions import TanhGaussian
+from mbvi.errors import ConfigError
 from mbvi.models.policy import GaussianHead
 from mbvi.objectives import Objective
 from mbvi.planners.base import InferenceEngine
@@ -24,7 +25,7 @@ class Direct(InferenceEngine):
     def __init__(self, hidden: Sequence[int] = (256, 256), n_samples: int = 1):
         super().__init__()
         if n_samples < 1:
-            raise ValueError(f"Direct: n_samples must be >= 1, got {n_samples}")
+            raise ConfigError(f"Direct: n_samples must be >= 1, got {n_samples}")
         self.hidden, self.n_samples = tuple(hidden), n_samples
 
     def build(self, obs_dim: int, act_dim: int) -> None:

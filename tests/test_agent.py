@@ -19,7 +19,7 @@ from mbvi import (
 )
 from mbvi.components import build_component, component_spec
 from mbvi.env import make_env
-from mbvi.errors import EnvError
+from mbvi.errors import ConfigError, EnvError
 from mbvi.planners import Direct, GradientRefinement, Iterative
 from mbvi.pyro import ProgramPrior
 from mbvi.rollout import EnvRunner
@@ -187,3 +187,22 @@ def test_component_specs_rebuild_the_same_component(component):
     assert type(rebuilt) is type(component()) and component_spec(rebuilt) == spec
     assert spec["class_path"].startswith("mbvi.") or spec["class_path"].startswith("examples.")
     torch.save(spec, io.BytesIO())  # plain data: loadable with weights_only=True
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(gamma=1.5), r"gamma must be in \(0, 1\], got 1.5"),
+        (dict(eval_episodes=0), "eval_episodes must be >= 1, got 0"),
+        (dict(updates_per_step=0), "updates_per_step must be >= 1, got 0"),
+        (dict(warmup_steps=-1), r"warmup_steps must be in \[0, total_env_steps = 300\)"),
+        (dict(warmup_steps=300), "no update would ever run"),
+        (dict(batch_size=400), r"min\(buffer_size, total_env_steps\) = 300"),
+        (dict(value=lambda: TwinQ(members=0)), "TwinQ members must be >= 1"),
+        (dict(value=lambda: TwinQ(tau=0.0)), r"TwinQ tau must be in \(0, 1\]"),
+    ],
+)
+def test_configurations_that_cannot_train_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        args = {k: v() if callable(v) else v for k, v in overrides.items()}
+        VariationalAgent(**{**TINY_AGENT, **args})

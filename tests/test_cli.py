@@ -137,12 +137,18 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
             "cannot use the MLflow tracking URI 'http://127.0.0.1:9'",
         ),
         (["--ckpt_path", "nowhere/last.ckpt"], "checkpoint 'nowhere/last.ckpt' does not exist"),
+        (  # a component's own check, raised while jsonargparse builds it
+            ["--model.engine", "mbvi.planners.Iterative", "--model.engine.iterations", "0"],
+            "Iterative: iterations must be >= 1, got 0",
+        ),
+        (["--model.warmup_steps", "5000"], "no update would ever run"),
     ],
 )
 def test_bad_input_fails_before_training_with_a_clear_error(workdir, args, message):
     proc = run_mbvi(workdir, *args, timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     _, found = runs(workdir)
     assert all(r.data.metrics == {} for r in found)  # nothing trained
 
