@@ -206,7 +206,9 @@ class VariationalAgent(L.LightningModule):
         )
 
     def train_dataloader(self):
-        return DataLoader(_Ticks(), batch_size=None)
+        # A private generator: a DataLoader iterator draws a seed from torch's global
+        # one, which would shift a resumed run's random stream from the checkpoint's.
+        return DataLoader(_Ticks(), batch_size=None, generator=torch.Generator())
 
     def setup(self, stage: str) -> None:
         if self.buffer is None:
@@ -362,6 +364,21 @@ class VariationalAgent(L.LightningModule):
         out.update(self._metrics.means(self.env_steps))
         self._metrics.reset()
         self._log(out)
+
+    def check_finite(self) -> None:
+        """Raise ``NonFiniteError`` if a loss accumulated since the last log or a
+        parameter (networks, targets, α) is NaN or Inf: run before every checkpoint, so a
+        checkpoint on disk is always one to resume from."""
+        self._metrics.means(self.env_steps)
+        tensors = [t for t in self.state_dict().values() if t.is_floating_point()]
+        finite = torch.stack([t.isfinite().all() for t in tensors]).all()
+        if not finite:
+            name = next(k for k, t in self.state_dict().items()
+                        if t.is_floating_point() and not t.isfinite().all())  # fmt: skip
+            raise NonFiniteError(
+                f"parameter {name} is NaN or Inf at env step {self.env_steps}; training "
+                "stopped and the last good checkpoint is kept. Try a lower learning rate."
+            )
 
     def _log(self, metrics: dict[str, float]) -> None:
         if self.logger is not None:

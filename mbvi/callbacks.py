@@ -14,6 +14,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tqdm.auto import tqdm
 
+from mbvi.errors import NonFiniteError
+
 
 class EnvStepCheckpoint(L.Callback):
     """Writes ``<dirpath>/<run>/last.ckpt`` every ``every`` env steps, at the end of
@@ -21,7 +23,8 @@ class EnvStepCheckpoint(L.Callback):
 
     Files are written to a temporary name and renamed, so the last good checkpoint stays
     valid if a write is interrupted.  No checkpoint is written after a failure (a NaN
-    loss, say), so the one on disk predates it.
+    loss, say), so the one on disk predates it; nor is one written over it when a
+    parameter or a loss since the last log is not finite (``agent.check_finite``).
     """
 
     def __init__(self, every: int = 10_000, dirpath: str = "checkpoints"):
@@ -35,6 +38,7 @@ class EnvStepCheckpoint(L.Callback):
         return Path(trainer.default_root_dir, self.dirpath, name)
 
     def save(self, trainer: L.Trainer, agent) -> Path:
+        agent.check_finite()
         folder = self._run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         path, tmp = folder / "last.ckpt", folder / "last.ckpt.tmp"
@@ -57,7 +61,11 @@ class EnvStepCheckpoint(L.Callback):
         # Ctrl-C, or SIGTERM (a scheduler ending a job), which Lightning turns into an
         # exception: both stop a healthy run, so it is resumable and marked KILLED.
         if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
-            path = self.save(trainer, agent)
+            try:
+                path = self.save(trainer, agent)
+            except NonFiniteError as err:
+                print(f"\ninterrupted at env step {agent.env_steps}; no checkpoint written: {err}")
+                return  # the run ends FAILED, not KILLED: it cannot be resumed from here
             print(f"\ninterrupted at env step {agent.env_steps}; checkpoint written to {path}")
             if hasattr(trainer.logger, "mark_killed"):
                 trainer.logger.mark_killed()

@@ -40,6 +40,13 @@ def validate_checkpoint(path: str | Path, agent) -> None:
             f"configured for {env_id!r}; pass --model.env_id {saved['env_id']} or another "
             "checkpoint."
         )
+    total = agent.hparams.total_env_steps
+    if saved["env_steps"] >= total:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is at env step {saved['env_steps']}, which already "
+            f"reaches this run's budget of {total} env steps; raise --model.total_env_steps "
+            "to extend the run."
+        )
     expected = agent.state_dict()
     missing = sorted(set(expected) - set(ckpt["state_dict"]))
     unexpected = sorted(set(ckpt["state_dict"]) - set(expected))

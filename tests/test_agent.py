@@ -1,8 +1,10 @@
 """The agent through the Python API: env handling, NaN stops, seeding."""
 
+import copy
 import io
 
 import gymnasium as gym
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -17,11 +19,13 @@ from mbvi import (
     UniformPrior,
     VariationalAgent,
 )
+from mbvi.checkpoints import validate_checkpoint
 from mbvi.components import build_component, component_spec
 from mbvi.env import make_env
-from mbvi.errors import ConfigError, EnvError
+from mbvi.errors import CheckpointError, ConfigError, EnvError
 from mbvi.planners import Direct, GradientRefinement, Iterative
 from mbvi.pyro import ProgramPrior
+from mbvi.rng import capture_rng_state
 from mbvi.rollout import EnvRunner
 from tests.conftest import TINY_AGENT, fit_agent
 
@@ -206,3 +210,67 @@ def test_configurations_that_cannot_train_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         args = {k: v() if callable(v) else v for k, v in overrides.items()}
         VariationalAgent(**{**TINY_AGENT, **args})
+
+
+def test_a_non_finite_parameter_is_never_checkpointed(workdir, monkeypatch):
+    """A parameter gone NaN while the logged losses are still finite stops the run at
+    the next checkpoint, naming the parameter; the checkpoint on disk predates it."""
+    agent = tiny_agent()
+    original = agent.update
+
+    def poisoning(*batch):
+        metrics = original(*batch)
+        if agent.env_steps == 200:  # after this step's losses, before its checkpoint
+            with torch.no_grad():
+                agent.value.q_target.net.layers[0].weight[0, 0, 0] = float("nan")
+        return metrics
+
+    monkeypatch.setattr(agent, "update", poisoning)
+    with pytest.raises(NonFiniteError, match=r"parameter value\.q_target\..* at env step 200"):
+        fit(agent, workdir)
+    run = only_run(workdir)
+    assert run.info.status == "FAILED"
+    ckpt = torch.load(workdir / "checkpoints" / run.info.run_id / "last.ckpt", weights_only=False)
+    assert ckpt["mbvi"]["env_steps"] == 100
+
+
+def test_resume_restores_networks_optimiser_alpha_and_random_streams(workdir):
+    _, logger = fit(tiny_agent(total_env_steps=200), workdir)
+    path = workdir / "checkpoints" / logger.run_id / "last.ckpt"
+    saved = torch.load(path, weights_only=False)
+    with pytest.raises(CheckpointError, match="already reaches this run's budget of 200"):
+        validate_checkpoint(path, tiny_agent(total_env_steps=200))
+
+    seen = {}
+
+    class Snapshot(L.Callback):
+        def on_train_start(self, trainer, agent):
+            seen["state"] = {k: v.clone() for k, v in agent.state_dict().items()}
+            seen["optimiser"] = copy.deepcopy(trainer.optimizers[0].state_dict())
+            seen["rng"] = capture_rng_state(agent._rng)
+            seen["env_steps"], seen["buffer"] = agent.env_steps, len(agent.buffer)
+
+    resumed = tiny_agent(total_env_steps=300)
+    fresh = {k: v.clone() for k, v in resumed.state_dict().items()}
+    trainer = L.Trainer(
+        logger=False, max_epochs=-1, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(workdir), accelerator="cpu",
+        callbacks=[Snapshot()],
+    )  # fmt: skip
+    trainer.fit(resumed, ckpt_path=path)
+
+    assert seen["env_steps"] == 200 and seen["buffer"] == 200 and resumed.env_steps == 300
+    changed = [k for k, v in saved["state_dict"].items() if not torch.equal(v, fresh[k])]
+    assert "log_alpha" in changed and any(k.startswith("value.q_target") for k in changed)
+    for key, value in saved["state_dict"].items():  # networks, targets, α
+        assert torch.equal(seen["state"][key], value), key
+    saved_opt = saved["optimizer_states"][0]["state"]
+    assert saved_opt and saved_opt.keys() == seen["optimiser"]["state"].keys()
+    for i, state in saved_opt.items():
+        for name, value in state.items():
+            assert torch.equal(seen["optimiser"]["state"][i][name], value), (i, name)
+    rng = saved["mbvi"]["rng"]
+    assert torch.equal(seen["rng"]["torch"], rng["torch"])
+    assert torch.equal(seen["rng"]["numpy"][1], rng["numpy"][1])
+    assert seen["rng"]["python"] == rng["python"]
+    assert seen["rng"]["generator"] == rng["generator"]
