@@ -78,7 +78,8 @@ class VariationalAgent(L.LightningModule):
     """Variational RL agent: choose a prior, an inference engine and a value estimate.
 
     Args:
-        env_id: Gymnasium id of an env with Box actions and flat Box observations.
+        env_id: Gymnasium id of an env with Box actions and flat Box observations, or
+            "module:EnvId" for an env that `module` registers on import.
         prior: action prior p_θ(a|s); default ``UniformPrior`` (SAC).
         engine: inference engine for π(a|s,O); default ``Direct`` (SAC).
         value: value estimate Q̂(s,a); default ``TwinQ`` (model-free).

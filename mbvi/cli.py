@@ -7,6 +7,7 @@ and value estimate is a documented option (``mbvi fit --help``,
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -74,6 +75,10 @@ def main(args: list[str] | None = None) -> None:
         from mbvi.compare import main as compare_main
 
         sys.exit(compare_main(argv[1:]))
+    if os.getcwd() not in sys.path:
+        # As with `python -m`: a user's own modules in the working directory can be
+        # named by class_path (a prior, an engine) and as env "module:EnvId".
+        sys.path.insert(0, os.getcwd())
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
     try:

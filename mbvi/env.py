@@ -6,6 +6,7 @@ Engines act in [-1, 1]^A; ``ActionScaler`` maps that cube onto the env's Box bou
 from __future__ import annotations
 
 import difflib
+import importlib
 
 import gymnasium as gym
 import numpy as np
@@ -16,10 +17,23 @@ from mbvi.errors import EnvError
 def make_env(env_id: str, seed: int | None = None) -> gym.Env:
     """``gym.make(env_id)`` with errors a user can act on.
 
+    ``env_id`` is a registered id, or ``"module:EnvId"`` for an env that ``module``
+    registers when imported (Gymnasium's convention for third-party envs).
+
     Raises:
-        EnvError: the id is not registered (close registered names are suggested), or
-            the action space is not a ``Box``.
+        EnvError: the id is not registered (close registered names are suggested), its
+            module cannot be imported, or the action space is not a ``Box``.
     """
+    if ":" in env_id:
+        module, _, name = env_id.partition(":")
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise EnvError(
+                f"env {env_id!r}: module {module!r} cannot be imported ({err}); make it "
+                "importable (install it, or run from the folder that holds it)."
+            ) from None
+        env_id = name
     if env_id not in gym.registry:
         close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""

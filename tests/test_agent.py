@@ -73,6 +73,19 @@ def test_unknown_env_suggests_close_names():
         make_env("HalfCheeta-v5")
 
 
+def test_an_env_from_the_users_module(tmp_path, monkeypatch):
+    (tmp_path / "my_envs.py").write_text(
+        "import gymnasium as gym\n"
+        "gym.register('MyPendulum-v0', entry_point='gymnasium.envs.classic_control:PendulumEnv',"
+        " max_episode_steps=50)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env = make_env("my_envs:MyPendulum-v0")
+    assert env.spec.id == "MyPendulum-v0" and env.spec.max_episode_steps == 50
+    with pytest.raises(EnvError, match="module 'no_such_envs' cannot be imported"):
+        make_env("no_such_envs:Thing-v0")
+
+
 def test_discrete_env_is_rejected():
     with pytest.raises(EnvError, match="Discrete action space; mbvi needs continuous Box"):
         make_env("CartPole-v1")

@@ -100,6 +100,18 @@ def test_help_documents_every_hyperparameter():
     assert "tau: 0.005" in printed.stdout  # defaults of the chosen components show too
 
 
+def test_a_users_own_classes_in_the_working_directory_are_found(workdir):
+    (workdir / "my_priors.py").write_text(
+        "from mbvi import ConstantTanhGaussianPrior\n\n\n"
+        "class WidePrior(ConstantTanhGaussianPrior):\n"
+        "    def __init__(self, scale: float = 2.0):\n"
+        "        super().__init__(scale=scale)\n"
+    )
+    proc = run_mbvi(workdir, "--model.prior", "my_priors.WidePrior", "--print_config")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "class_path: my_priors.WidePrior" in proc.stdout
+
+
 def test_resume_continues_from_the_checkpoint(trained, tmp_path):
     cwd, _, first, ckpt = trained
     proc = run_mbvi(cwd, "--model.total_env_steps", "500", "--ckpt_path", str(ckpt))
