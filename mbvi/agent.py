@@ -96,7 +96,9 @@ class VariationalAgent(L.LightningModule):
         init_alpha: initial temperature α (> 0).
         autotune_alpha: tune α so that KL(π‖p) tracks ``target_kl_per_dim`` · A.
         target_kl_per_dim: KL target per action dimension; None takes the prior's
-            default (SAC's entropy target −A for the uniform prior).
+            default: 1 + log 2 ≈ 1.69 nats for UniformPrior (SAC's entropy target −A)
+            and for ConstantTanhGaussianPrior (the same budget), 0.5 for LearnedPrior
+            (an MPO-style step bound, see its ``default_kl_target``).
         buffer_size: replay capacity in transitions.
         eval_every: env steps between deterministic (mean-action) evaluations.
         eval_episodes: episodes per evaluation.
@@ -170,6 +172,13 @@ class VariationalAgent(L.LightningModule):
                 f"the KL target per action dimension must be > 0 (a KL is never negative and "
                 f"reaches 0 only when the posterior equals the prior), got {kl_per_dim}; set "
                 "--model.target_kl_per_dim to a positive value or leave it unset."
+            )
+        if kl_per_dim <= self.prior.min_kl_target():
+            raise ConfigError(
+                f"the KL target per action dimension {kl_per_dim} cannot be met under "
+                f"{type(self.prior).__name__}: no tanh-Gaussian posterior gets closer to it "
+                f"than {self.prior.min_kl_target()} nats per dimension, so α would grow "
+                "without bound; set --model.target_kl_per_dim above that or leave it unset."
             )
         self.kl_target = kl_per_dim * act_dim
 

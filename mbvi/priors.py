@@ -47,6 +47,11 @@ class Prior(nn.Module):
         """KL(π‖p) per action dimension that α is tuned towards (``objectives.alpha_loss``)."""
         return 1.0
 
+    def min_kl_target(self) -> float:
+        """The least KL(π‖p) per action dimension a tanh-Gaussian π can reach: a target
+        at or below it cannot be met (α would grow without bound)."""
+        return 0.0
+
     # ---- M-step hooks: fixed priors keep these defaults -------------------------------
     learnable: bool = False
     """True when the prior has parameters fitted in the M-step (then ``loss`` is called)."""
@@ -71,6 +76,15 @@ class UniformPrior(Prior):
     def default_kl_target(self) -> float:
         # SAC's entropy target H* = -A, written as a KL target: KL* = -H* + A log 2.
         return 1.0 + _LOG_2
+
+    def min_kl_target(self) -> float:
+        # No tanh-Gaussian is uniform: the widest (μ_u = 0, σ_u ≈ 0.874) has entropy
+        # 0.68364 nats per dimension against log 2 = 0.69315 (a test integrates it).
+        return UNIFORM_MIN_KL_PER_DIM
+
+
+UNIFORM_MIN_KL_PER_DIM = 0.00951
+"""min over tanh-Gaussians π of KL(π‖uniform on [-1, 1]) per dimension, in nats."""
 
 
 class ConstantTanhGaussianPrior(Prior):

@@ -215,6 +215,7 @@ def test_component_specs_rebuild_the_same_component(component):
         (dict(warmup_steps=-1), r"warmup_steps must be in \[0, total_env_steps = 300\)"),
         (dict(warmup_steps=300), "no update would ever run"),
         (dict(batch_size=400), r"min\(buffer_size, total_env_steps\) = 300"),
+        (dict(target_kl_per_dim=0.005), "0.005 cannot be met under UniformPrior"),
         (dict(value=lambda: TwinQ(members=0)), "TwinQ members must be >= 1"),
         (dict(value=lambda: TwinQ(tau=0.0)), r"TwinQ tau must be in \(0, 1\]"),
     ],

@@ -8,6 +8,7 @@ from torch.distributions import Normal, TransformedDistribution, kl_divergence
 from torch.distributions.transforms import TanhTransform
 
 from mbvi.distributions import TanhGaussian, atanh, tanh_log_det
+from mbvi.priors import UniformPrior
 
 
 def _dist(b=4, a=3, dtype=torch.float64, seed=0):
@@ -102,3 +103,20 @@ def test_antithetic_draws_come_in_opposite_pairs():
     torch.testing.assert_close(eps[:, 3:], -eps[:, :3])
     with pytest.raises(ValueError, match="even number of samples, got 5"):
         dist.standard_normal(5, antithetic=True)
+
+
+def test_uniform_prior_min_kl_is_the_widest_tanh_gaussians():
+    """UniformPrior.min_kl_target: log 2 minus the largest entropy of tanh(N(0, σ²)),
+    integrated on a grid (the maximiser is μ = 0 by symmetry)."""
+    u = torch.linspace(-12.0, 12.0, 48_001, dtype=torch.float64)
+    sigmas = torch.linspace(0.80, 0.95, 151, dtype=torch.float64)
+    density = torch.exp(-0.5 * (u / sigmas[:, None]) ** 2) / (
+        sigmas[:, None] * math.sqrt(2 * math.pi)
+    )
+    log_jacobian = torch.log1p(-(torch.tanh(u) ** 2)).clamp_min(-1e4)
+    entropy = 0.5 * torch.log(2 * math.pi * math.e * sigmas**2) + torch.trapezoid(
+        density * log_jacobian, u
+    )
+    min_kl = math.log(2.0) - entropy.max().item()
+    assert abs(sigmas[entropy.argmax()].item() - 0.874) < 0.01
+    assert UniformPrior().min_kl_target() == pytest.approx(min_kl, abs=2e-5)
