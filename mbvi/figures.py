@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mbvi.compare import RunData, align, group_runs, improvement, label  # noqa: E402
+from mbvi.compare import RunData, align, group_runs, improvement_by_group, label  # noqa: E402
 
 
 def _band(ax, x, values: np.ndarray, text: str) -> None:
@@ -51,11 +51,9 @@ def plot_improvement(runs: Sequence[RunData], title: str, path: Path) -> Path:
     """Paper Fig. 2: J̃_k − J̃_0 and (J̃_k − J̃_0)/|J̃_0| vs inference iteration k, each
     run's mean over its logged steps, then mean ± std over the group's seeds."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for group, members in group_runs([r for r in runs if r.j_iter]).items():
-        absolute, relative = zip(*(improvement(r.j_iter) for r in members))
-        for ax, per_run in zip(axes, (absolute, relative)):
-            values = np.array(per_run)
-            _band(ax, np.arange(values.shape[1]), values, label(group))
+    for (group, k), per_seed in improvement_by_group(runs).items():
+        for ax, values in zip(axes, per_seed):
+            _band(ax, np.arange(k + 1), values, f"{label(group)}, K={k}")
     j_k, j_0 = r"\tilde{J}_k", r"\tilde{J}_0"
     axes[0].set(xlabel="iteration k", ylabel=f"${j_k} - {j_0}$", title=f"{title}: absolute")
     axes[1].set(xlabel="iteration k", ylabel=f"$({j_k} - {j_0}) / |{j_0}|$", title="relative")

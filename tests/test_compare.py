@@ -21,6 +21,7 @@ from mbvi.compare import (
     final_value,
     format_table,
     improvement,
+    improvement_by_group,
     iteration_keys,
     mean_std,
     mixed_settings,
@@ -28,6 +29,7 @@ from mbvi.compare import (
     truncate,
 )
 from mbvi.errors import ComparisonError
+from mbvi.figures import plot_improvement
 from tests.conftest import CONFIGS, MBVI, cli_env
 
 TINY = str(CONFIGS / "pendulum" / "tiny.yaml")
@@ -103,6 +105,24 @@ def test_improvement_over_iterations_absolute_and_relative():
     absolute, relative = improvement(j_iter)
     np.testing.assert_allclose(absolute, [0.0, 1.0, 2.0])
     np.testing.assert_allclose(relative, [0.0, (0.5 + 0.25) / 2, (1.0 + 0.5) / 2])
+
+
+def test_runs_with_different_iteration_counts_are_plotted_apart(tmp_path):
+    """K = 2 and K = 10 runs of one engine/prior/value/env: two Fig. 2 lines."""
+    k2 = {k: {10: -2.0 + k} for k in range(3)}
+    k10 = {k: {10: -4.0 + 0.1 * k} for k in range(11)}
+    runs = [
+        run_data(ITERATIVE, "0", j_iter=k2),
+        run_data(ITERATIVE, "1", j_iter=k2),
+        run_data(ITERATIVE, "2", j_iter=k10),
+        run_data(DIRECT, "0"),
+    ]
+    bands = improvement_by_group(runs)
+    assert set(bands) == {(ITERATIVE, 2), (ITERATIVE, 10)}
+    assert bands[(ITERATIVE, 2)][0].shape == (2, 3)
+    np.testing.assert_allclose(bands[(ITERATIVE, 10)][0], [[0.1 * k for k in range(11)]])
+    path = plot_improvement(runs, "mixed", tmp_path / "fig2.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
 
 
 def test_iteration_keys_need_j_iter_0_and_skip_other_suffixes():
