@@ -4,7 +4,9 @@ Same settings for both: batch 256, 2x256 ReLU networks, one update per env step 
 ``--warmup`` random steps; mbvi runs through its Lightning Trainer with MLflow tracking
 (an SQLite store in a temporary folder), as a user's run does.  The two alternate for
 ``--rounds`` rounds; each round times ``--steps`` env steps after warm-up, and the
-medians are compared.  Last line:
+medians are compared.  Each round also runs mbvi without a logger, which gives the
+cost of tracking (asynchronous MLflow logging included) as ``tracking_overhead`` =
+1 − tracked/untracked median rate, on the line before the last.  Last line:
 
     sac_throughput mbvi_steps_per_s=<x> sb3_steps_per_s=<y> ratio=<x/y>
 
@@ -46,7 +48,7 @@ class _Timer(L.Callback):
             self.rate = (agent.env_steps - self.s0) / (time.perf_counter() - self.t0)
 
 
-def mbvi_rate(warmup: int, steps: int, seed: int) -> float:
+def mbvi_rate(warmup: int, steps: int, seed: int, tracked: bool = True) -> float:
     agent = VariationalAgent(
         ENV_ID,
         prior=UniformPrior(),
@@ -66,7 +68,11 @@ def mbvi_rate(warmup: int, steps: int, seed: int) -> float:
     agent.run_evaluation = lambda: float("nan")  # time training only, as for SB3
     timer = _Timer(warmup + 1, warmup + steps)
     with tempfile.TemporaryDirectory() as tmp:
-        logger = MLflowTracker(experiment_name="throughput", tracking_uri=f"sqlite:///{tmp}/m.db")
+        logger = (
+            MLflowTracker(experiment_name="throughput", tracking_uri=f"sqlite:///{tmp}/m.db")
+            if tracked
+            else False
+        )
         trainer = L.Trainer(
             logger=logger,
             callbacks=[timer],
@@ -119,12 +125,18 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    ours, theirs = [], []
+    ours, untracked, theirs = [], [], []
     for r in range(args.rounds):
         ours.append(mbvi_rate(args.warmup, args.steps, seed=r))
+        untracked.append(mbvi_rate(args.warmup, args.steps, seed=r, tracked=False))
         theirs.append(sb3_rate(args.warmup, args.steps, seed=r))
-        print(f"round {r}: mbvi {ours[-1]:.1f} steps/s, sb3 {theirs[-1]:.1f} steps/s", flush=True)
+        print(
+            f"round {r}: mbvi {ours[-1]:.1f} steps/s (untracked {untracked[-1]:.1f}), "
+            f"sb3 {theirs[-1]:.1f} steps/s",
+            flush=True,
+        )
     x, y = statistics.median(ours), statistics.median(theirs)
+    print(f"tracking_overhead={1 - x / statistics.median(untracked):.3f}")
     print(f"sac_throughput mbvi_steps_per_s={x:.1f} sb3_steps_per_s={y:.1f} ratio={x / y:.2f}")
 
 
