@@ -78,6 +78,10 @@ def test_trust_regions_hold_on_average_and_are_active():
     # Dual ascent holds each at its bound, up to the multiplier's oscillation around it.
     assert _mean(constrained, "kl_mean") <= 1.25 * eps_mean
     assert _mean(constrained, "kl_scale") <= 1.25 * eps_scale
+    # And at every single step within a small factor (a Lagrangian bound is soft: the
+    # multiplier reacts to a violation one step late).
+    assert max(h["kl_mean"] for h in constrained) <= 2 * eps_mean
+    assert max(h["kl_scale"] for h in constrained) <= 3 * eps_scale
     # Without the multipliers the same optimiser moves p_θ much further from p̄.
     assert _mean(free, "kl_mean") > 5 * eps_mean
     assert _mean(free, "kl_scale") > 100 * eps_scale
