@@ -142,7 +142,7 @@ def make_agent(engine, prior, batch: int) -> VariationalAgent:
         engine=engine,
         value=TwinQ(hidden=HIDDEN),
         batch_size=batch,
-        total_env_steps=10 * FILL,
+        total_env_steps=10 * FILL + 1,  # only the warm-up is stepped: updates are timed directly
         warmup_steps=10 * FILL,
         progress_refresh_s=0,
     )
