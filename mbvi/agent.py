@@ -419,6 +419,7 @@ class VariationalAgent(L.LightningModule):
     # ---- checkpoint state beyond the state_dict -------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mbvi"] = {
+            "run_id": getattr(self.logger, "run_id", None),  # the MLflow run, if any
             "env_id": self.hparams.env_id,
             "obs_dim": self.runner.obs_dim,
             "act_dim": self.runner.act_dim,

@@ -9,8 +9,9 @@ import torch
 from mbvi.errors import CheckpointError
 
 
-def validate_checkpoint(path: str | Path, agent) -> None:
-    """Raise ``CheckpointError`` unless ``path`` is an mbvi checkpoint ``agent`` can resume.
+def validate_checkpoint(path: str | Path, agent) -> dict:
+    """Raise ``CheckpointError`` unless ``path`` is an mbvi checkpoint ``agent`` can resume;
+    return its mbvi state (env steps, run id of the run that wrote it, ...).
 
     Checks that the file exists and loads, that it was written by an mbvi agent, that it
     is for the same env and sizes, and that its networks match the configured ones.
@@ -69,3 +70,4 @@ def validate_checkpoint(path: str | Path, agent) -> None:
             f"checkpoint {str(path)!r} does not match the configured agent ({detail}). "
             "Resume with the config of the run that wrote it (its config.yaml artifact)."
         )
+    return saved

@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mbvi.agent import VariationalAgent
 from mbvi.checkpoints import validate_checkpoint
 from mbvi.errors import MbviError
-from mbvi.tracking import MLflowTracker
+from mbvi.tracking import RESUMED_FROM_TAG, MLflowTracker
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "mbvi.tracking.MLflowTracker"},
@@ -61,11 +61,13 @@ class MbviCLI(LightningCLI):
 
     def before_fit(self) -> None:
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if ckpt_path:
-            validate_checkpoint(ckpt_path, self.model)
-        if isinstance(self.trainer.logger, MLflowTracker):
-            self.trainer.logger.default_run_name(self.model.run_name())
-            self.trainer.logger.check_reachable()
+        saved = validate_checkpoint(ckpt_path, self.model) if ckpt_path else {}
+        logger = self.trainer.logger
+        if isinstance(logger, MLflowTracker):
+            logger.default_run_name(self.model.run_name())
+            logger.check_reachable()
+            if saved.get("run_id"):  # a resumed run names the run it continues
+                logger.experiment.set_tag(logger.run_id, RESUMED_FROM_TAG, saved["run_id"])
 
 
 def main(args: list[str] | None = None) -> None:

@@ -22,6 +22,10 @@ from mbvi.errors import TrackingError
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
+RESUMED_FROM_TAG = "mbvi.resumed_from"
+"""Tag of a run resumed from a checkpoint: the MLflow run id that wrote the checkpoint."""
+
+
 def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 

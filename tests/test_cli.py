@@ -119,6 +119,7 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
     client, found = runs(cwd)
     resumed = [r for r in found if r.info.run_id != first.info.run_id]
     assert len(resumed) == 1 and resumed[0].info.status == "FINISHED"
+    assert resumed[0].data.tags["mbvi.resumed_from"] == first.info.run_id
     rid = resumed[0].info.run_id
     steps = [m.step for m in client.get_metric_history(rid, "perf/env_steps_per_s")]
     assert min(steps) > 300 and max(steps) == 500
