@@ -24,9 +24,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from mbvi.callbacks import DeferredInterrupt, EnvStepCheckpoint, EnvStepProgress
+from mbvi.checks import check_schedule, kl_target_per_dim
 from mbvi.components import build_component, component_params, component_spec
 from mbvi.diagnostics import amortisation_gap
-from mbvi.errors import ConfigError, NonFiniteError
+from mbvi.errors import NonFiniteError
 from mbvi.metrics import RunningMeans
 from mbvi.objectives import Objective, alpha_loss, soft_td_target
 from mbvi.optim import fused_adam
@@ -49,29 +50,6 @@ class _Ticks(IterableDataset):
     def __iter__(self):
         while True:
             yield 0
-
-
-def _check_schedule(args: dict) -> None:
-    """ConfigError for counts and rates that would crash a run or make it train nothing."""
-    for name in ("total_env_steps", "batch_size", "updates_per_step", "buffer_size",
-                 "eval_every", "eval_episodes", "log_every", "checkpoint_every"):  # fmt: skip
-        if args[name] < 1:
-            raise ConfigError(f"{name} must be >= 1, got {args[name]}")
-    if not 0.0 < args["gamma"] <= 1.0:
-        raise ConfigError(f"gamma must be in (0, 1], got {args['gamma']}")
-    total, warmup = args["total_env_steps"], args["warmup_steps"]
-    if not 0 <= warmup < total:
-        raise ConfigError(
-            f"warmup_steps must be in [0, total_env_steps = {total}), got {warmup}: no update "
-            "would ever run. Lower --model.warmup_steps or raise --model.total_env_steps."
-        )
-    capacity = min(args["buffer_size"], total)
-    if args["batch_size"] > capacity:
-        raise ConfigError(
-            f"batch_size {args['batch_size']} exceeds the transitions the replay buffer can "
-            f"ever hold (min(buffer_size, total_env_steps) = {capacity}): no update would "
-            "ever run. Lower --model.batch_size or raise the buffer and budget."
-        )
 
 
 class VariationalAgent(L.LightningModule):
@@ -142,9 +120,7 @@ class VariationalAgent(L.LightningModule):
         gap_states: int = 64,
     ):
         super().__init__()
-        if init_alpha <= 0:
-            raise ConfigError(f"init_alpha must be > 0, got {init_alpha}")
-        _check_schedule(locals())
+        check_schedule(locals())
         prior, engine, value = (build_component(c) for c in (prior, engine, value))
         self.automatic_optimization = False
         L.seed_everything(seed, verbose=False)
@@ -164,23 +140,7 @@ class VariationalAgent(L.LightningModule):
             part.build(obs_dim, act_dim)
         self.engine.check_prior(self.prior)
         self.log_alpha = torch.nn.Parameter(torch.tensor(math.log(init_alpha)))
-        kl_per_dim = (
-            target_kl_per_dim if target_kl_per_dim is not None else self.prior.default_kl_target()
-        )
-        if not kl_per_dim > 0:
-            raise ConfigError(
-                f"the KL target per action dimension must be > 0 (a KL is never negative and "
-                f"reaches 0 only when the posterior equals the prior), got {kl_per_dim}; set "
-                "--model.target_kl_per_dim to a positive value or leave it unset."
-            )
-        if kl_per_dim <= self.prior.min_kl_target():
-            raise ConfigError(
-                f"the KL target per action dimension {kl_per_dim} cannot be met under "
-                f"{type(self.prior).__name__}: no tanh-Gaussian posterior gets closer to it "
-                f"than {self.prior.min_kl_target()} nats per dimension, so α would grow "
-                "without bound; set --model.target_kl_per_dim above that or leave it unset."
-            )
-        self.kl_target = kl_per_dim * act_dim
+        self.kl_target = kl_target_per_dim(self.prior, target_kl_per_dim) * act_dim
 
         self.env_steps = 0
         self.last_episode_return = float("nan")

@@ -154,23 +154,6 @@ def improvement(j_iter: dict[int, Curve]) -> tuple[np.ndarray, np.ndarray]:
     return np.array(absolute), np.array(relative)
 
 
-def improvement_by_group(
-    runs: Sequence[RunData],
-) -> dict[tuple[tuple[str, ...], int], tuple[np.ndarray, np.ndarray]]:
-    """Fig. 2's data: for each (group, K) of the runs that logged J̃ per iteration, the
-    absolute and relative ``improvement`` of every seed, each ``[seeds, K+1]``.  Runs
-    with different K (say 2 and 10) in one group are kept apart."""
-    by_k: dict[tuple[tuple[str, ...], int], list[RunData]] = {}
-    for group, members in group_runs([r for r in runs if r.j_iter]).items():
-        for r in members:
-            by_k.setdefault((group, max(r.j_iter)), []).append(r)
-    out = {}
-    for key, members in by_k.items():
-        absolute, relative = zip(*(improvement(r.j_iter) for r in members))
-        out[key] = (np.stack(absolute), np.stack(relative))
-    return out
-
-
 def iteration_keys(metric_names) -> list[int]:
     """The k of every ``engine/j_iter_k`` metric; none unless J̃_0 is among them."""
     ks = sorted(int(m[len(J_ITER) :]) for m in metric_names

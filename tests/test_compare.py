@@ -21,7 +21,6 @@ from mbvi.compare import (
     final_value,
     format_table,
     improvement,
-    improvement_by_group,
     iteration_keys,
     mean_std,
     mixed_settings,
@@ -29,7 +28,7 @@ from mbvi.compare import (
     truncate,
 )
 from mbvi.errors import ComparisonError
-from mbvi.figures import plot_improvement
+from mbvi.figures import improvement_by_group, plot_improvement
 from tests.conftest import CONFIGS, MBVI, cli_env
 
 TINY = str(CONFIGS / "pendulum" / "tiny.yaml")

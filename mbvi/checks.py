@@ -1,0 +1,53 @@
+"""Configuration checks of the agent: each bad setting fails before training with a
+``ConfigError`` that says what to change."""
+
+from __future__ import annotations
+
+from mbvi.errors import ConfigError
+from mbvi.priors import Prior
+
+
+def check_schedule(args: dict) -> None:
+    """ConfigError for counts and rates that would crash a run or make it train nothing;
+    ``args`` holds the agent's constructor arguments by name."""
+    for name in ("total_env_steps", "batch_size", "updates_per_step", "buffer_size",
+                 "eval_every", "eval_episodes", "log_every", "checkpoint_every"):  # fmt: skip
+        if args[name] < 1:
+            raise ConfigError(f"{name} must be >= 1, got {args[name]}")
+    if args["init_alpha"] <= 0:
+        raise ConfigError(f"init_alpha must be > 0, got {args['init_alpha']}")
+    if not 0.0 < args["gamma"] <= 1.0:
+        raise ConfigError(f"gamma must be in (0, 1], got {args['gamma']}")
+    total, warmup = args["total_env_steps"], args["warmup_steps"]
+    if not 0 <= warmup < total:
+        raise ConfigError(
+            f"warmup_steps must be in [0, total_env_steps = {total}), got {warmup}: no update "
+            "would ever run. Lower --model.warmup_steps or raise --model.total_env_steps."
+        )
+    capacity = min(args["buffer_size"], total)
+    if args["batch_size"] > capacity:
+        raise ConfigError(
+            f"batch_size {args['batch_size']} exceeds the transitions the replay buffer can "
+            f"ever hold (min(buffer_size, total_env_steps) = {capacity}): no update would "
+            "ever run. Lower --model.batch_size or raise the buffer and budget."
+        )
+
+
+def kl_target_per_dim(prior: Prior, target: float | None) -> float:
+    """The KL(π‖p) target per action dimension α is tuned towards: ``target``, or the
+    prior's default when None; ConfigError if no tanh-Gaussian posterior can meet it."""
+    kl = target if target is not None else prior.default_kl_target()
+    if not kl > 0:
+        raise ConfigError(
+            f"the KL target per action dimension must be > 0 (a KL is never negative and "
+            f"reaches 0 only when the posterior equals the prior), got {kl}; set "
+            "--model.target_kl_per_dim to a positive value or leave it unset."
+        )
+    if kl <= prior.min_kl_target():
+        raise ConfigError(
+            f"the KL target per action dimension {kl} cannot be met under "
+            f"{type(prior).__name__}: no tanh-Gaussian posterior gets closer to it "
+            f"than {prior.min_kl_target()} nats per dimension, so α would grow "
+            "without bound; set --model.target_kl_per_dim above that or leave it unset."
+        )
+    return kl
