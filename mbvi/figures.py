@@ -65,12 +65,23 @@ def plot_curves(runs: Sequence[RunData], metric: str, title: str, path: Path) ->
 
 
 def plot_improvement(runs: Sequence[RunData], title: str, path: Path) -> Path:
-    """Paper Fig. 2: J̃_k − J̃_0 and (J̃_k − J̃_0)/|J̃_0| vs inference iteration k, each
-    run's mean over its logged steps, then mean ± std over the group's seeds."""
+    """Paper Fig. 2 from training logs: J̃_k − J̃_0 and (J̃_k − J̃_0)/|J̃_0| vs inference
+    iteration k, each run's mean over its logged steps, then mean ± std over the group's
+    seeds."""
+    bands = {f"{label(group)}, K={k}": v for (group, k), v in improvement_by_group(runs).items()}
+    return plot_iteration_bands(bands, title, path)
+
+
+def plot_iteration_bands(
+    bands: dict[str, tuple[np.ndarray, np.ndarray]], title: str, path: Path
+) -> Path:
+    """Fig. 2's two panels: for each label, the absolute and relative improvement
+    ``[rows, K+1]`` (rows: seeds, or episodes of one agent) as mean ± std over rows
+    against the inference iteration k."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for (group, k), per_seed in improvement_by_group(runs).items():
-        for ax, values in zip(axes, per_seed):
-            _band(ax, np.arange(k + 1), values, f"{label(group)}, K={k}")
+    for text, per_row in bands.items():
+        for ax, values in zip(axes, per_row):
+            _band(ax, np.arange(values.shape[1]), values, text)
     j_k, j_0 = r"\tilde{J}_k", r"\tilde{J}_0"
     axes[0].set(xlabel="iteration k", ylabel=f"${j_k} - {j_0}$", title=f"{title}: absolute")
     axes[1].set(xlabel="iteration k", ylabel=f"$({j_k} - {j_0}) / |{j_0}|$", title="relative")

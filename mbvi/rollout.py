@@ -81,16 +81,25 @@ class EnvRunner:
         self.env.close()
 
 
-def evaluate(env_runner: EnvRunner, policy: Policy, episodes: int) -> list[float]:
-    """Returns of ``episodes`` full episodes of ``policy`` on ``env_runner``'s env."""
+def record_episodes(
+    env_runner: EnvRunner, policy: Policy, episodes: int
+) -> list[tuple[np.ndarray, float]]:
+    """``episodes`` full episodes of ``policy`` on ``env_runner``'s env: for each, the
+    observations it acted on [T, S] and its return."""
     env, scaler = env_runner.env, env_runner.scaler
-    returns = []
+    out = []
     for _ in range(episodes):
         obs, _ = env.reset()
-        total, done = 0.0, False
+        seen, total, done = [], 0.0, False
         while not done:
+            seen.append(obs)
             obs, reward, terminated, truncated, _ = env.step(scaler.to_env(policy(obs)))
             total += float(reward)
             done = terminated or truncated
-        returns.append(total)
-    return returns
+        out.append((np.stack(seen), total))
+    return out
+
+
+def evaluate(env_runner: EnvRunner, policy: Policy, episodes: int) -> list[float]:
+    """Returns of ``episodes`` full episodes of ``policy`` on ``env_runner``'s env."""
+    return [ret for _, ret in record_episodes(env_runner, policy, episodes)]

@@ -4,6 +4,7 @@ made by real tiny ``mbvi fit`` runs."""
 import json
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ from mbvi.compare import (
 )
 from mbvi.errors import ComparisonError
 from mbvi.figures import improvement_by_group, plot_improvement
-from tests.conftest import CONFIGS, MBVI, cli_env
+from tests.conftest import CONFIGS, MBVI, ROOT, cli_env
 
 TINY = str(CONFIGS / "pendulum" / "tiny.yaml")
 SHORT = ["--model.total_env_steps", "200", "--model.eval_every", "100"]
@@ -213,6 +214,37 @@ def test_compare_prints_the_table_writes_the_figures_and_logs_them(store):
     rows = {tuple(r["group"]): r for r in json.load(open(summary))}
     assert rows[DIRECT]["final_mean"] == pytest.approx(mean)
     assert sorted(rows[DIRECT]["run_ids"]) == sorted(r.info.run_id for r in direct)
+
+
+def checkpoints(store, engine):
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], f"params.engine = '{engine}'")
+    return [store / "checkpoints" / r.info.run_id / "last.ckpt" for r in runs]
+
+
+def test_inference_improvement_on_a_trained_agent(store, tmp_path):
+    """Fig. 2 from a checkpoint: the benchmark rolls out the agent, scores λ_0..λ_K and
+    plots; a direct agent is refused with the reason."""
+    script = str(ROOT / "benchmarks" / "inference_improvement.py")
+    (ckpt,) = checkpoints(store, "Iterative")
+    out = tmp_path / "fig2.png"
+    cmd = [sys.executable, script, "--episodes", "2", "--samples", "8", "--out", str(out)]
+    proc = subprocess.run([*cmd, "--ckpt", str(ckpt)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith("episode ") and "200 states" in line for line in lines) == 2
+    last = dict(kv.split("=") for kv in lines[-1].split()[1:])
+    assert lines[-1].startswith("inference_improvement ") and last["K"] == "2"
+    assert last["episodes"] == "2" and np.isfinite(float(last["abs_K"]))
+    assert out.read_bytes()[:8] == PNG_MAGIC
+
+    direct = checkpoints(store, "Direct")[0]
+    proc = subprocess.run(
+        [*cmd, "--ckpt", str(direct)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2
+    assert "Direct does not infer in iterations" in proc.stderr
 
 
 def test_missing_experiment_lists_the_existing_ones(store, tmp_path, capsys):
