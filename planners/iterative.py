@@ -6,9 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
-from mbvi.distributions import TanhGaussian
+from mbvi.distributions import LOG_SCALE_MAX, TanhGaussian
 from mbvi.errors import ConfigError
 from mbvi.models.iterative import IterativeUpdate
+from mbvi.models.policy import POLICY_LOG_SCALE_MIN
 from mbvi.objectives import Objective
 from mbvi.planners._gradient_tools import (
     check_count,
@@ -34,6 +35,23 @@ def encode_gradient(g: torch.Tensor) -> torch.Tensor:
     return torch.asinh(g)
 
 
+# log σ_u of the iterates lies in [POLICY_LOG_SCALE_MIN, LOG_SCALE_MAX] (f_φ's output
+# range, and λ_k mixes it with λ_{k−1}): its centre and half-width.
+_LOG_SCALE_MID = 0.5 * (LOG_SCALE_MAX + POLICY_LOG_SCALE_MIN)
+_LOG_SCALE_HALF = 0.5 * (LOG_SCALE_MAX - POLICY_LOG_SCALE_MIN)
+
+
+def encode_params(loc: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """The network's view of λ = (μ_u, log σ_u): [asinh(μ_u), log σ_u rescaled to [−1, 1]].
+
+    log σ_u has a known range, so a fixed affine map centres and scales it.  μ_u is
+    unbounded (it drifts to |μ_u| ≫ 1 where actions saturate at ±1), so it goes
+    through asinh like the gradients: linear near 0, logarithmic beyond.  Fixed maps
+    keep acting on one state identical to training on a batch.
+    """
+    return torch.cat([torch.asinh(loc), (log_scale - _LOG_SCALE_MID) / _LOG_SCALE_HALF], -1)
+
+
 class Iterative(InferenceEngine):
     """Iterative amortised inference: K gated updates of λ = (μ_u, log σ_u), Eq. 15::
 
@@ -41,6 +59,9 @@ class Iterative(InferenceEngine):
         g_k  = ∇λ J̃(s, λ_k)            (Eq. 16, N reparameterised samples, detached)
         f, ω = f_φ(s, λ_k, g_k), ω_φ(s, λ_k, g_k)        (ω a sigmoid in [0, 1])
         λ_{k+1} = ω ⊙ λ_k + (1 − ω) ⊙ f                  (for μ_u and for log σ_u)
+
+    The network sees λ_k and g_k normalised by fixed maps (``encode_params``,
+    ``encode_gradient``), so its inputs stay O(1) at any scale of Q̂.
 
     The network is trained by maximising J̃ after every iteration (``loss``),
     backpropagating through the unrolled iterations but not through g_k, which is an
@@ -118,7 +139,8 @@ class Iterative(InferenceEngine):
         loc, log_scale = posterior.loc, posterior.log_scale
         g_loc, g_log_scale = self.gradient(objective, posterior)
         features = torch.cat(
-            [loc, log_scale, encode_gradient(g_loc), encode_gradient(g_log_scale)], -1
+            [encode_params(loc, log_scale), encode_gradient(g_loc), encode_gradient(g_log_scale)],
+            -1,
         )
         f_loc, f_log_scale, gate_loc, gate_scale = self.net(s, features)
         loc = gate_loc * loc + (1.0 - gate_loc) * f_loc

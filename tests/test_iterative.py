@@ -1,6 +1,7 @@
 """Iterative amortised inference (Eq. 15) on a closed-form objective, plus the contract
 every gradient-based engine keeps (shapes, bounds, determinism, inputs untouched)."""
 
+import math
 from functools import partial
 
 import pytest
@@ -10,6 +11,7 @@ from mbvi.distributions import TanhGaussian
 from mbvi.errors import ConfigError
 from mbvi.objectives import Objective
 from mbvi.planners import GradientRefinement, Iterative
+from mbvi.planners.iterative import encode_params
 from mbvi.priors import ConstantTanhGaussianPrior, UniformPrior
 from mbvi.values import TwinQ
 
@@ -187,3 +189,13 @@ def test_engine_contract(make_engine, prior_cls):
     assert torch.equal(s, s_copy)
     with pytest.raises(ValueError, match="states must have shape"):
         engine.infer(torch.randn(7, S + 1), objective)
+
+
+def test_parameter_inputs_are_normalised():
+    """log σ_u's range [−5, 2] maps onto [−1, 1]; μ_u goes through asinh (O(1) for
+    |μ_u| up to ~10, where tanh(μ_u) is saturated anyway)."""
+    loc = torch.tensor([[0.0, 8.0]])
+    log_scale = torch.tensor([[-5.0, 2.0]])
+    torch.testing.assert_close(
+        encode_params(loc, log_scale), torch.tensor([[0.0, math.asinh(8.0), -1.0, 1.0]])
+    )
