@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from mbvi.callbacks import DeferredInterrupt, EnvStepCheckpoint, EnvStepProgress
+from mbvi.checkpoints import check_engine_format
 from mbvi.checks import check_schedule, kl_target_per_dim
 from mbvi.components import build_component, component_params, component_spec
 from mbvi.diagnostics import amortisation_gap
@@ -381,6 +382,7 @@ class VariationalAgent(L.LightningModule):
             "obs_dim": self.runner.obs_dim,
             "act_dim": self.runner.act_dim,
             "env_steps": self.env_steps,
+            "engine_format": self.engine.state_format,
             "last_episode_return": self.last_episode_return,
             "buffer": self.buffer.state_dict(),
             "rng": capture_rng_state(self._rng),
@@ -388,6 +390,7 @@ class VariationalAgent(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["mbvi"]
+        check_engine_format(state, self.engine)
         self.env_steps = state["env_steps"]
         self.last_episode_return = state["last_episode_return"]
         self.setup("load")  # the buffer exists before fit only when loaded for analysis

@@ -34,6 +34,7 @@ def validate_checkpoint(path: str | Path, agent) -> dict:
             f"checkpoint {str(path)!r} was not written by an mbvi agent (no 'mbvi' state)."
         )
     saved = ckpt["mbvi"]
+    check_engine_format(saved, agent.engine, path)
     env_id = agent.hparams.env_id
     if saved["env_id"] != env_id:
         raise CheckpointError(
@@ -71,3 +72,18 @@ def validate_checkpoint(path: str | Path, agent) -> dict:
             "Resume with the config of the run that wrote it (its config.yaml artifact)."
         )
     return saved
+
+
+def check_engine_format(saved: dict, engine, path: str | Path = "the checkpoint") -> None:
+    """Raise ``CheckpointError`` when the checkpoint's engine parameters were saved under
+    another ``state_format`` than ``engine`` reads (checkpoints from before formats were
+    recorded count as format 1)."""
+    written, reads = saved.get("engine_format", 1), engine.state_format
+    if written != reads:
+        name = type(engine).__name__
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds {name} parameters of state format {written}, but "
+            f"this version of mbvi's {name} reads format {reads} (same shapes, different "
+            "meaning: its network would misread them). Retrain, or load it with the mbvi "
+            "version that wrote it."
+        )

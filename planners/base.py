@@ -27,10 +27,15 @@ class InferenceEngine(nn.Module):
         needs_objective_gradients: True when ``infer`` differentiates the objective
             (iterative and gradient engines); the agent then does not wrap ``infer``
             in ``torch.no_grad``.
+        state_format: version of what the engine's saved parameters mean.  Raise it
+            when a change keeps their shapes but changes how they are read (e.g. a new
+            input encoding), so that older checkpoints are refused instead of loading
+            into networks that would misread them.
     """
 
     amortised: bool = True
     needs_objective_gradients: bool = False
+    state_format: int = 1
     obs_dim: int
     act_dim: int
 

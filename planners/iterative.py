@@ -88,6 +88,7 @@ class Iterative(InferenceEngine):
     """
 
     needs_objective_gradients = True
+    state_format = 2  # 2: λ's inputs normalised by encode_params (1: raw μ_u, log σ_u)
 
     def __init__(
         self,

@@ -8,10 +8,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from matplotlib.image import imread
 from mlflow import MlflowClient
 
-from mbvi import compare
+from mbvi import VariationalAgent, compare
+from mbvi.checkpoints import validate_checkpoint
 from mbvi.cli import main as cli_main
 from mbvi.compare import (
     COMPARE_TAG,
@@ -28,7 +30,7 @@ from mbvi.compare import (
     summarize,
     truncate,
 )
-from mbvi.errors import ComparisonError
+from mbvi.errors import CheckpointError, ComparisonError
 from mbvi.figures import improvement_by_group, plot_improvement
 from tests.conftest import CONFIGS, MBVI, ROOT, cli_env
 
@@ -245,6 +247,23 @@ def test_inference_improvement_on_a_trained_agent(store, tmp_path):
     )
     assert proc.returncode == 2
     assert "Direct does not infer in iterations" in proc.stderr
+
+
+def test_an_iterative_checkpoint_of_an_older_state_format_is_refused(store, tmp_path):
+    """Iterative's inputs changed meaning at format 2 with the same shapes: a format-1
+    file must not load silently, neither for analysis nor to resume."""
+    (ckpt,) = checkpoints(store, "Iterative")
+    current = VariationalAgent.load_from_checkpoint(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=False)
+    assert state["mbvi"]["engine_format"] == 2
+    del state["mbvi"]["engine_format"]  # as written before formats were recorded
+    old = tmp_path / "old.ckpt"
+    torch.save(state, old)
+    message = "holds Iterative parameters of state format 1, but .* reads format 2"
+    with pytest.raises(CheckpointError, match=message):
+        VariationalAgent.load_from_checkpoint(old, weights_only=False)
+    with pytest.raises(CheckpointError, match=message):
+        validate_checkpoint(old, current)
 
 
 def test_missing_experiment_lists_the_existing_ones(store, tmp_path, capsys):
