@@ -74,15 +74,16 @@ def validate_checkpoint(path: str | Path, agent) -> dict:
     return saved
 
 
-def check_engine_format(saved: dict, engine, path: str | Path = "the checkpoint") -> None:
+def check_engine_format(saved: dict, engine, path: str | Path | None = None) -> None:
     """Raise ``CheckpointError`` when the checkpoint's engine parameters were saved under
     another ``state_format`` than ``engine`` reads (checkpoints from before formats were
     recorded count as format 1)."""
     written, reads = saved.get("engine_format", 1), engine.state_format
     if written != reads:
         name = type(engine).__name__
+        where = "this checkpoint" if path is None else f"checkpoint {str(path)!r}"
         raise CheckpointError(
-            f"checkpoint {str(path)!r} holds {name} parameters of state format {written}, but "
+            f"{where} holds {name} parameters of state format {written}, but "
             f"this version of mbvi's {name} reads format {reads} (same shapes, different "
             "meaning: its network would misread them). Retrain, or load it with the mbvi "
             "version that wrote it."
