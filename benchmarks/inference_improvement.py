@@ -80,12 +80,11 @@ def main() -> None:
         a, r = absolute[:, it], relative[:, it]
         print(f"{it:>3} {a.mean():>11.4f} ± {a.std():<6.4f} {r.mean():>+11.3%} ± {r.std():<6.3%}")
     print(f"figure: {args.out}")
-    mean = absolute.mean(0)
+    mean, rel = absolute.mean(0), relative.mean(0)
     rising = int((np.diff(mean) > 0).sum())
     print(
         f"inference_improvement K={k} episodes={len(episodes)} abs_1={mean[1]:.4f} "
-        f"abs_K={mean[-1]:.4f} rel_1={relative.mean(0)[1]:.4f} rel_K={relative.mean(0)[-1]:.4f} "
-        f"rising={rising}/{k}"
+        f"abs_K={mean[-1]:.4f} rel_1={rel[1]:.4f} rel_K={rel[-1]:.4f} rising={rising}/{k}"
     )
 
 

@@ -41,15 +41,15 @@ _LOG_SCALE_MID = 0.5 * (LOG_SCALE_MAX + POLICY_LOG_SCALE_MIN)
 _LOG_SCALE_HALF = 0.5 * (LOG_SCALE_MAX - POLICY_LOG_SCALE_MIN)
 
 
-def encode_params(loc: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """The network's view of λ = (μ_u, log σ_u): [asinh(μ_u), log σ_u rescaled to [−1, 1]].
+def encode_params(loc: torch.Tensor, log_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's view of λ = (μ_u, log σ_u): (asinh(μ_u), log σ_u rescaled to [−1, 1]).
 
     log σ_u has a known range, so a fixed affine map centres and scales it.  μ_u is
     unbounded (it drifts to |μ_u| ≫ 1 where actions saturate at ±1), so it goes
     through asinh like the gradients: linear near 0, logarithmic beyond.  Fixed maps
     keep acting on one state identical to training on a batch.
     """
-    return torch.cat([torch.asinh(loc), (log_scale - _LOG_SCALE_MID) / _LOG_SCALE_HALF], -1)
+    return torch.asinh(loc), (log_scale - _LOG_SCALE_MID) / _LOG_SCALE_HALF
 
 
 class Iterative(InferenceEngine):
@@ -140,7 +140,7 @@ class Iterative(InferenceEngine):
         loc, log_scale = posterior.loc, posterior.log_scale
         g_loc, g_log_scale = self.gradient(objective, posterior)
         features = torch.cat(
-            [encode_params(loc, log_scale), encode_gradient(g_loc), encode_gradient(g_log_scale)],
+            [*encode_params(loc, log_scale), encode_gradient(g_loc), encode_gradient(g_log_scale)],
             -1,
         )
         f_loc, f_log_scale, gate_loc, gate_scale = self.net(s, features)

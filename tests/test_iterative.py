@@ -197,5 +197,6 @@ def test_parameter_inputs_are_normalised():
     loc = torch.tensor([[0.0, 8.0]])
     log_scale = torch.tensor([[-5.0, 2.0]])
     torch.testing.assert_close(
-        encode_params(loc, log_scale), torch.tensor([[0.0, math.asinh(8.0), -1.0, 1.0]])
+        torch.cat(encode_params(loc, log_scale), -1),
+        torch.tensor([[0.0, math.asinh(8.0), -1.0, 1.0]]),
     )
