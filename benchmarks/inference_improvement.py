@@ -38,14 +38,14 @@ from mbvi.objectives import Objective
 from mbvi.rollout import EnvRunner, record_episodes
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint of an iterative agent")
     parser.add_argument("--episodes", type=int, default=5, help="evaluation episodes")
     parser.add_argument("--samples", type=int, default=64, help="actions per state scoring J̃")
     parser.add_argument("--seed", type=int, default=0, help="env and sampling seed")
     parser.add_argument("--out", type=Path, default=Path("inference_improvement.png"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.episodes < 1 or args.samples < 1:
         parser.error("--episodes and --samples must be at least 1")
     warnings.filterwarnings("ignore")

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from mbvi.callbacks import DeferredInterrupt, EnvStepCheckpoint, EnvStepProgress
-from mbvi.checkpoints import check_engine_format
+from mbvi.checkpoints import agent_state, load_agent_state
 from mbvi.checks import check_schedule, kl_target_per_dim
 from mbvi.components import build_component, component_params, component_spec
 from mbvi.diagnostics import amortisation_gap
@@ -374,28 +374,12 @@ class VariationalAgent(L.LightningModule):
         self._log(metrics)
         return metrics
 
-    # ---- checkpoint state beyond the state_dict -------------------------------------
+    # ---- checkpoint state beyond the state_dict (see mbvi.checkpoints) ------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["mbvi"] = {
-            "run_id": getattr(self.logger, "run_id", None),  # the MLflow run, if any
-            "env_id": self.hparams.env_id,
-            "obs_dim": self.runner.obs_dim,
-            "act_dim": self.runner.act_dim,
-            "env_steps": self.env_steps,
-            "engine_format": self.engine.state_format,
-            "last_episode_return": self.last_episode_return,
-            "buffer": self.buffer.state_dict(),
-            "rng": capture_rng_state(self._rng),
-        }
+        checkpoint["mbvi"] = agent_state(self, capture_rng_state(self._rng))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["mbvi"]
-        check_engine_format(state, self.engine)
-        self.env_steps = state["env_steps"]
-        self.last_episode_return = state["last_episode_return"]
-        self.setup("load")  # the buffer exists before fit only when loaded for analysis
-        self.buffer.load_state_dict(state["buffer"])
-        self._pending_rng = state["rng"]
+        self._pending_rng = load_agent_state(self, checkpoint["mbvi"])
 
     def _restore_rng(self, rng: dict) -> None:
         restore_rng_state(rng, self._rng)

@@ -1,4 +1,5 @@
-"""Checking a checkpoint before resuming from it, so a bad path fails before training."""
+"""What an mbvi checkpoint holds beyond the agent's ``state_dict``, and checking a
+checkpoint before resuming from it, so that a bad path fails before training."""
 
 from __future__ import annotations
 
@@ -88,3 +89,31 @@ def check_engine_format(saved: dict, engine, path: str | Path | None = None) -> 
             "meaning: its network would misread them). Retrain, or load it with the mbvi "
             "version that wrote it."
         )
+
+
+def agent_state(agent, rng: dict) -> dict:
+    """``checkpoint["mbvi"]``: what ``validate_checkpoint`` checks before a resume (env,
+    sizes, engine format, env steps, the MLflow run that wrote it) and what the resumed
+    run restores (env-step counter, replay buffer, random streams ``rng``)."""
+    return {
+        "run_id": getattr(agent.logger, "run_id", None),  # the MLflow run, if any
+        "env_id": agent.hparams.env_id,
+        "obs_dim": agent.runner.obs_dim,
+        "act_dim": agent.runner.act_dim,
+        "env_steps": agent.env_steps,
+        "engine_format": agent.engine.state_format,
+        "last_episode_return": agent.last_episode_return,
+        "buffer": agent.buffer.state_dict(),
+        "rng": rng,
+    }
+
+
+def load_agent_state(agent, state: dict) -> dict:
+    """Restore ``agent_state``'s counters and replay buffer into ``agent``; return its
+    random-stream state, which the agent restores when fitting starts."""
+    check_engine_format(state, agent.engine)
+    agent.env_steps = state["env_steps"]
+    agent.last_episode_return = state["last_episode_return"]
+    agent.setup("load")  # the buffer exists before fit only when loaded for analysis
+    agent.buffer.load_state_dict(state["buffer"])
+    return state["rng"]

@@ -1,10 +1,12 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -25,6 +27,13 @@ TINY_AGENT = dict(
     checkpoint_every=100,
     progress_refresh_s=0,
 )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Learning tests (minutes each) first, so that under ``-n 2`` (``--dist loadfile``:
+    one file per worker at a time) the two files holding them start at once on separate
+    workers instead of ending the run."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture
@@ -57,3 +66,24 @@ def fit_agent(agent, workdir, logger) -> L.Trainer:
     )
     trainer.fit(agent)
     return trainer
+
+
+# Random and broken Pendulum policies score about −1200 to −1500.
+PENDULUM_THRESHOLD = -400.0
+
+
+def pendulum_eval_return(workdir, config: str, env_steps: int = 5000) -> float:
+    """Train ``configs/pendulum/<config>`` for ``env_steps`` through the real CLI and
+    return its final ``eval/return`` read back from the run's MLflow store."""
+    proc = subprocess.run(
+        [MBVI, "fit", "--config", str(CONFIGS / "pendulum" / config),
+         "--model.total_env_steps", str(env_steps), "--model.eval_every", str(env_steps),
+         "--model.progress_refresh_s", "0"],
+        cwd=workdir, env=cli_env(), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("pendulum").experiment_id])
+    (final,) = client.get_metric_history(run.info.run_id, "eval/return")
+    assert final.step == env_steps
+    return final.value

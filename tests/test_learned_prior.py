@@ -7,7 +7,7 @@ from lightning.pytorch.loggers import Logger
 from mbvi import ConfigError, LearnedPrior, Objective, TwinQ, VariationalAgent
 from mbvi.distributions import TanhGaussian
 from mbvi.planners import Direct
-from tests.conftest import TINY_AGENT, fit_agent
+from tests.conftest import PENDULUM_THRESHOLD, TINY_AGENT, fit_agent, pendulum_eval_return
 
 OBS, ACT, BATCH = 3, 2, 64
 
@@ -183,3 +183,10 @@ def test_agent_trains_the_prior_and_logs_its_metrics(tmp_path):
     for key in ["kl_posterior", "kl_mean", "kl_scale", "eta_mean", "eta_scale"]:
         steps = [step for step, metrics in logger.metrics if f"prior/{key}" in metrics]
         assert steps == [150], key
+
+
+@pytest.mark.slow
+def test_learned_prior_learns_pendulum(workdir):
+    """The "learned prior, parametric posterior" cell of Table 1 through the real CLI."""
+    final = pendulum_eval_return(workdir, "learned_prior.yaml")
+    assert final >= PENDULUM_THRESHOLD, f"eval/return {final:.1f} after 5000 env steps"
