@@ -246,11 +246,11 @@ class VariationalAgent(L.LightningModule):
 
     def _policy(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         s = torch.as_tensor(obs, dtype=torch.float32, device=self.device).unsqueeze(0)
-        with torch.set_grad_enabled(self.engine.needs_objective_gradients):
+        with torch.no_grad():
             objective = Objective(s, partial(self.value, frozen=True), self.prior, self.alpha)
             posterior = self.engine.infer(s, objective)
             a = posterior.mean_action() if deterministic else posterior.rsample(1)[0][:, 0]
-        action = a[0].detach().cpu().numpy()
+        action = a[0].cpu().numpy()
         if not np.isfinite(action).all():
             self._metrics.means(self.env_steps)  # names a loss that went non-finite
             raise NonFiniteError(
@@ -287,11 +287,9 @@ class VariationalAgent(L.LightningModule):
         alpha = self.alpha
 
         # Value: soft TD target with the posterior at s' (Eq. 9-10), target critics.
-        with torch.set_grad_enabled(self.engine.needs_objective_gradients):
+        with torch.no_grad():  # engines that need ∇λJ̃ enable gradients for themselves
             next_objective = Objective(s2, self.value.target, self.prior, alpha)
-            next_posterior = self.engine.infer(s2, next_objective).detach()
-        with torch.no_grad():
-            next_v, _ = next_objective(next_posterior, 1)
+            next_v, _ = next_objective(self.engine.infer(s2, next_objective), 1)
             y = soft_td_target(r, term, next_v, hp.gamma)
         value_loss, value_metrics = self.value.loss(s, a, y)
 
@@ -302,8 +300,8 @@ class VariationalAgent(L.LightningModule):
         # Prior (M-step, learned priors only): fit p_θ to the posterior (Eq. 7).
         prior_loss, prior_metrics = 0.0, {}
         if self.prior.learnable:
-            with torch.set_grad_enabled(self.engine.needs_objective_gradients):
-                posterior = self.engine.infer(s, objective).detach()
+            with torch.no_grad():
+                posterior = self.engine.infer(s, objective)
             prior_loss, prior_metrics = self.prior.loss(s, posterior)
 
         # Temperature: keep KL(π‖p) at its target.

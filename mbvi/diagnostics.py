@@ -35,8 +35,8 @@ def amortisation_gap(
     Returns ``inference/j_engine``, ``inference/j_refined`` and
     ``inference/amortisation_gap`` (means over states).
     """
-    with torch.set_grad_enabled(engine.needs_objective_gradients):
-        estimate = engine.infer(s, objective).detach()
+    with torch.no_grad():
+        estimate = engine.infer(s, objective)
     refined = refiner.refine(s, objective, init=estimate)
     j_engine = objective_value(objective, estimate, n_eval).mean()
     j_refined = objective_value(objective, refined, n_eval).mean()

@@ -24,9 +24,6 @@ class InferenceEngine(nn.Module):
 
     Attributes:
         amortised: True when the engine has a network trained through ``loss``.
-        needs_objective_gradients: True when ``infer`` differentiates the objective
-            (iterative and gradient engines); the agent then does not wrap ``infer``
-            in ``torch.no_grad``.
         state_format: version of what the engine's saved parameters mean.  Raise it
             when a change keeps their shapes but changes how they are read (e.g. a new
             input encoding), so that older checkpoints are refused instead of loading
@@ -34,7 +31,6 @@ class InferenceEngine(nn.Module):
     """
 
     amortised: bool = True
-    needs_objective_gradients: bool = False
     state_format: int = 1
     obs_dim: int
     act_dim: int
@@ -48,7 +44,10 @@ class InferenceEngine(nn.Module):
         ``prior`` (called by the agent once everything is built)."""
 
     def infer(self, s: torch.Tensor, objective: Objective) -> TanhGaussian:
-        """Approximate posterior for states ``s`` [B,S]."""
+        """Approximate posterior for states ``s`` [B,S].  Must work under the caller's
+        ``torch.no_grad`` (the agent acts and builds TD targets that way): an engine
+        that differentiates the objective enables gradients for itself, as
+        ``_gradient_tools.objective_gradient`` does."""
         raise NotImplementedError
 
     def loss(

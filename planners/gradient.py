@@ -43,7 +43,6 @@ class GradientRefinement(InferenceEngine):
     """
 
     amortised = False
-    needs_objective_gradients = True
 
     def __init__(
         self,

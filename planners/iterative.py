@@ -87,7 +87,6 @@ class Iterative(InferenceEngine):
             Required when the prior is not a tanh-Gaussian.
     """
 
-    needs_objective_gradients = True
     state_format = 2  # 2: λ's inputs normalised by encode_params (1: raw μ_u, log σ_u)
 
     def __init__(
