@@ -28,6 +28,7 @@ from mbvi.checkpoints import agent_state, load_agent_state
 from mbvi.checks import check_schedule, kl_target_per_dim
 from mbvi.components import build_component, component_params, component_spec
 from mbvi.diagnostics import amortisation_gap
+from mbvi.distributions import TanhGaussian
 from mbvi.errors import NonFiniteError
 from mbvi.metrics import RunningMeans
 from mbvi.objectives import Objective, alpha_loss, soft_td_target
@@ -297,11 +298,11 @@ class VariationalAgent(L.LightningModule):
         objective = Objective(s, partial(self.value, frozen=True), self.prior, alpha)
         engine_loss, engine_metrics = self.engine.loss(s, objective)
 
-        # Prior (M-step, learned priors only): fit p_θ to the posterior (Eq. 7).
+        # Prior (M-step, learned priors only): fit p_θ to the posterior the engine's
+        # loss was about (Eq. 7), without inferring it again.
         prior_loss, prior_metrics = 0.0, {}
         if self.prior.learnable:
-            with torch.no_grad():
-                posterior = self.engine.infer(s, objective)
+            posterior = TanhGaussian(engine_metrics["loc"], engine_metrics["log_scale"])
             prior_loss, prior_metrics = self.prior.loss(s, posterior)
 
         # Temperature: keep KL(π‖p) at its target.

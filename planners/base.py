@@ -53,10 +53,22 @@ class InferenceEngine(nn.Module):
     def loss(
         self, s: torch.Tensor, objective: Objective
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss whose gradient trains the inference network: −J̃ averaged over states."""
+        """Loss whose gradient trains the inference network: −J̃ averaged over states.
+
+        Metrics (detached) include ``kl`` [B] (α is tuned on it) and ``loc`` and
+        ``log_scale`` [B,A], the parameters of the posterior the loss is about (a learned
+        prior is fitted to it without running inference again; see
+        ``posterior_metrics``).
+        """
         raise NotImplementedError(f"{type(self).__name__} is not amortised and has no loss")
 
     @staticmethod
     def check_states(s: torch.Tensor, obs_dim: int) -> None:
         if s.dim() != 2 or s.shape[-1] != obs_dim:
             raise ValueError(f"states must have shape [B, {obs_dim}], got {tuple(s.shape)}")
+
+
+def posterior_metrics(posterior: TanhGaussian) -> dict[str, torch.Tensor]:
+    """``loc`` and ``log_scale`` [B,A] of ``posterior``, detached: the entries of an
+    engine's loss metrics that name the posterior it trained."""
+    return {"loc": posterior.loc.detach(), "log_scale": posterior.log_scale.detach()}

@@ -10,7 +10,7 @@ from mbvi.distributions import TanhGaussian
 from mbvi.errors import ConfigError
 from mbvi.models.policy import GaussianHead
 from mbvi.objectives import Objective
-from mbvi.planners.base import InferenceEngine
+from mbvi.planners.base import InferenceEngine, posterior_metrics
 
 
 class Direct(InferenceEngine):
@@ -39,5 +39,6 @@ class Direct(InferenceEngine):
     def loss(
         self, s: torch.Tensor, objective: Objective
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        j, metrics = objective(self.infer(s), self.n_samples)
-        return -j.mean(), metrics
+        posterior = self.infer(s)
+        j, metrics = objective(posterior, self.n_samples)
+        return -j.mean(), {**metrics, **posterior_metrics(posterior)}

@@ -18,7 +18,7 @@ from mbvi.planners._gradient_tools import (
     initial_params,
     objective_gradient,
 )
-from mbvi.planners.base import InferenceEngine
+from mbvi.planners.base import InferenceEngine, posterior_metrics
 from mbvi.priors import Prior
 
 
@@ -102,8 +102,10 @@ class GradientRefinement(InferenceEngine):
         self, s: torch.Tensor, objective: Objective
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Nothing to train: a zero loss, plus the metrics of the refined posterior
-        (``kl`` [B] and ``q`` [B], detached) so that an agent can still tune α."""
+        (``kl`` [B], ``q`` [B], ``loc`` and ``log_scale`` [B,A], detached) so that an
+        agent can still tune α and fit a learned prior."""
         posterior = self.infer(s, objective)
         with torch.no_grad():
             j, metrics = objective(posterior, self.n_samples)
-        return torch.zeros((), dtype=s.dtype, device=s.device), {**metrics, "j": j.mean()}
+        metrics = {**metrics, **posterior_metrics(posterior), "j": j.mean()}
+        return torch.zeros((), dtype=s.dtype, device=s.device), metrics

@@ -73,6 +73,20 @@ def test_amortised_loss_trains_only_the_engine(engine, objective_for):
     assert any(p.grad is not None for p in engine.parameters())
 
 
+def test_loss_metrics_name_the_posterior_that_infer_returns(engine, objective_for):
+    """Every engine's loss reports α's ``kl`` and the posterior it is about (a learned
+    prior is fitted to it): under one seed, the very λ that ``infer`` returns."""
+    s = torch.randn(B, OBS)
+    torch.manual_seed(2)
+    _, metrics = engine.loss(s, objective_for(s))
+    torch.manual_seed(2)
+    expected = engine.infer(s, objective_for(s))
+    assert metrics["kl"].shape == (B,)
+    for name in ("loc", "log_scale"):
+        assert not metrics[name].requires_grad
+        torch.testing.assert_close(metrics[name], getattr(expected, name).detach())
+
+
 def test_rejects_states_of_the_wrong_shape(engine, objective_for):
     with pytest.raises(ValueError, match=r"states must have shape \[B, 5\], got \(8, 4\)"):
         s = torch.randn(B, OBS - 1)
