@@ -353,10 +353,19 @@ class VariationalAgent(L.LightningModule):
 
     @torch.no_grad()
     def run_evaluation(self) -> float:
-        """Mean return of ``eval_episodes`` mean-action episodes; logged as eval/return."""
-        returns = evaluate(
-            self.eval_runner, partial(self._policy, deterministic=True), self.hparams.eval_episodes
-        )
+        """Mean return of ``eval_episodes`` mean-action episodes; logged as eval/return.
+
+        Runs on its own torch random stream, seeded by the run's seed and env step:
+        engines that sample while inferring (Iterative's ∇λJ̃) neither shift training's
+        stream (so ``eval_every`` cannot change a run) nor depend on it."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.hparams.seed + self.env_steps)
+            returns = evaluate(
+                self.eval_runner,
+                partial(self._policy, deterministic=True),
+                self.hparams.eval_episodes,
+            )
         mean = float(np.mean(returns))
         self._log({"eval/return": mean, "eval/return_std": float(np.std(returns))})
         self.last_eval_return = mean

@@ -163,6 +163,25 @@ def test_same_seed_gives_the_same_metrics(workdir):
     assert histories[0] == histories[1]
 
 
+def test_evaluation_runs_on_its_own_random_stream():
+    """Iterative samples ∇λJ̃ even when acting on the mean: evaluating must neither
+    consume training's torch stream nor depend on it."""
+    agent = VariationalAgent(
+        "Pendulum-v1",
+        prior=ConstantTanhGaussianPrior(),
+        engine=Iterative(hidden=(16, 16), n_samples=4),
+        value=TwinQ(hidden=(16, 16)),
+        **{**TINY_AGENT, "eval_episodes": 1},
+    )
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    first = agent.run_evaluation()
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(4)  # another training stream: the same evaluation
+    agent.eval_runner.restart(agent.hparams.seed + 1)
+    assert agent.run_evaluation() == first
+
+
 def test_amortisation_gap_is_logged(workdir):
     agent = tiny_agent(total_env_steps=200, gap_every=200, gap_states=16)
     _, logger = fit(agent, workdir)
