@@ -38,7 +38,7 @@ from mbvi.planners.direct import Direct
 from mbvi.planners.gradient import GradientRefinement
 from mbvi.priors import Prior, UniformPrior
 from mbvi.replay import ReplayBuffer
-from mbvi.rng import capture_rng_state, restore_rng_state
+from mbvi.rng import capture_rng_state, restore_rng_state, side_stream
 from mbvi.rollout import EnvRunner, evaluate
 from mbvi.values import TwinQ, ValueEstimate
 
@@ -355,30 +355,28 @@ class VariationalAgent(L.LightningModule):
     def run_evaluation(self) -> float:
         """Mean return of ``eval_episodes`` mean-action episodes; logged as eval/return.
 
-        Runs on its own torch random stream, seeded by the run's seed and env step:
-        engines that sample while inferring (Iterative's ∇λJ̃) neither shift training's
-        stream (so ``eval_every`` cannot change a run) nor depend on it."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.hparams.seed + self.env_steps)
-            returns = evaluate(
-                self.eval_runner,
-                partial(self._policy, deterministic=True),
-                self.hparams.eval_episodes,
-            )
+        Runs on a side stream (``mbvi.rng.side_stream``): engines that sample while
+        inferring (Iterative's ∇λJ̃) neither shift training's random numbers (so
+        ``eval_every`` cannot change a run) nor depend on them."""
+        policy = partial(self._policy, deterministic=True)
+        with side_stream(self.hparams.seed + self.env_steps, self.device):
+            returns = evaluate(self.eval_runner, policy, self.hparams.eval_episodes)
         mean = float(np.mean(returns))
         self._log({"eval/return": mean, "eval/return_std": float(np.std(returns))})
         self.last_eval_return = mean
         return mean
 
     def measure_amortisation_gap(self) -> dict[str, float]:
-        """Log the amortisation gap of the engine on ``gap_states`` replay states."""
+        """Log the amortisation gap of the engine on ``gap_states`` replay states, drawn
+        (like the refinement's samples) from a side stream: ``gap_every`` never changes
+        the training run."""
         if self._refiner is None:
             self._refiner = GradientRefinement(init_loc=0.0, init_log_scale=0.0)
             self._refiner.build(self.runner.obs_dim, self.runner.act_dim)
-        s = self.buffer.sample(self.hparams.gap_states)[0]
-        objective = Objective(s, partial(self.value, frozen=True), self.prior, self.alpha)
-        metrics = amortisation_gap(self.engine, self._refiner, s, objective)
+        with side_stream(self.hparams.seed + self.env_steps, self.device) as generator:
+            s = self.buffer.sample(self.hparams.gap_states, generator)[0]
+            objective = Objective(s, partial(self.value, frozen=True), self.prior, self.alpha)
+            metrics = amortisation_gap(self.engine, self._refiner, s, objective)
         self._log(metrics)
         return metrics
 

@@ -43,11 +43,13 @@ class ReplayBuffer:
         self.pos = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
-    def sample(self, batch_size: int) -> tuple[torch.Tensor, ...]:
-        """A uniform batch (obs, act, rew, next_obs, term) of ``batch_size`` transitions."""
-        idx = torch.randint(
-            0, self.size, (batch_size,), device=self.device, generator=self.generator
-        )
+    def sample(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """A uniform batch (obs, act, rew, next_obs, term) of ``batch_size`` transitions,
+        drawn with ``generator`` (default: the buffer's own, which training uses)."""
+        generator = self.generator if generator is None else generator
+        idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=generator)
         return tuple(getattr(self, f)[idx] for f in self.FIELDS)
 
     def _chronological(self) -> torch.Tensor:

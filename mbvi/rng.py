@@ -7,6 +7,7 @@ still loads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -33,3 +34,13 @@ def restore_rng_state(state: dict, generator: np.random.Generator) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     generator.bit_generator.state = state["generator"]
+
+
+@contextmanager
+def side_stream(seed: int, device: torch.device):
+    """Random numbers for measurements (evaluation, amortisation gap) that leave the
+    training run's own alone: torch's stream is forked and seeded with ``seed`` for the
+    block, and a fresh generator seeded alike is yielded for replay sampling."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield torch.Generator(device=device).manual_seed(seed)

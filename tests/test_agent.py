@@ -182,6 +182,19 @@ def test_evaluation_runs_on_its_own_random_stream():
     assert agent.run_evaluation() == first
 
 
+def test_gap_measurement_leaves_training_streams_alone():
+    agent = VariationalAgent("Pendulum-v1", **{**TINY_AGENT, "gap_states": 8})
+    agent.setup("fit")
+    for _ in range(50):
+        agent._act_and_store()  # warm-up: uniform actions from the agent's numpy stream
+    torch.manual_seed(5)
+    torch_state, replay_state = torch.get_rng_state(), agent.buffer.generator.get_state()
+    first = agent.measure_amortisation_gap()
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert torch.equal(agent.buffer.generator.get_state(), replay_state)
+    assert agent.measure_amortisation_gap() == first
+
+
 def test_amortisation_gap_is_logged(workdir):
     agent = tiny_agent(total_env_steps=200, gap_every=200, gap_states=16)
     _, logger = fit(agent, workdir)
