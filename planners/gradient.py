@@ -28,13 +28,15 @@ class GradientRefinement(InferenceEngine):
         λ_0 = init, or the prior's tanh-Gaussian parameters, or init_loc / init_log_scale
         for t = 1..steps:   λ ← Adam(λ, ∇λ J̃(s, λ))     (Eq. 16, n_samples actions)
 
+    with Adam's step size decaying linearly from ``lr`` to 0 over the steps.
+
     Adam acts elementwise and J̃ sums over states, so every state is optimised
     independently.  Only λ is differentiated (``torch.autograd.grad``): the value
     estimate's parameters and their ``.grad`` are never touched.
 
     Args:
         steps: Adam steps per call.
-        lr: Adam learning rate on (loc, log_scale).
+        lr: Adam's initial learning rate on (loc, log_scale), decayed linearly to 0.
         n_samples: reparameterised actions per state for each gradient estimate.
         init_loc: pre-tanh mean to start from; None takes the prior's.  Required when
             the prior is not a tanh-Gaussian (e.g. ``UniformPrior``).
@@ -85,7 +87,11 @@ class GradientRefinement(InferenceEngine):
                 )
             loc, log_scale = init.loc.detach().clone(), init.log_scale.detach().clone()
         opt = torch.optim.Adam([loc, log_scale], lr=self.lr, maximize=True)
-        for _ in range(self.steps):
+        for t in range(self.steps):
+            # The step size decays linearly to 0: with a constant one, Adam's normalised
+            # steps keep λ wandering around the optimum on noisy gradients, and a
+            # refinement started at a good estimate could end below it (a gap < 0).
+            opt.param_groups[0]["lr"] = self.lr * (1.0 - t / self.steps)
             _, loc.grad, log_scale.grad = objective_gradient(
                 objective, loc, log_scale, self.n_samples
             )
