@@ -178,9 +178,9 @@ class Iterative(InferenceEngine):
         """−Σ_{k=1..K} J̃(λ_k), averaged over states, each J̃ from ``loss_samples``.
 
         Metrics (detached): ``kl`` [B], ``q`` [B], ``loc`` and ``log_scale`` [B,A] of λ_K,
-        ``j_iter_k`` (the batch
-        mean of J̃(λ_k), k = 0..K, 0 being the initialisation: Fig. 2's improvement
-        over iterations), ``gate_loc`` and ``gate_log_scale`` (mean gates).
+        ``j_iter_k`` (the batch mean of J̃(λ_k), k = 0..K, 0 being the initialisation:
+        Fig. 2's improvement over iterations), ``gate_loc`` and ``gate_log_scale``
+        (mean gates).
         """
         posteriors, gates = self.unroll(s, objective)
         with torch.no_grad():
