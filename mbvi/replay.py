@@ -12,8 +12,10 @@ class ReplayBuffer:
         capacity: number of transitions kept; older ones are overwritten.
         obs_dim, act_dim: sizes of one observation and one action (in [-1, 1]^A).
         device: where the tensors live (sampling returns tensors on this device).
-        generator: the random generator used by ``sample``; seeded by the agent so
-            sampling is reproducible and its state is checkpointed.
+        seed: seeds the buffer's own random generator, which ``sample`` draws indices
+            from; its state is checkpointed.  It is a CPU generator whatever the
+            device, so a seed draws the same batches on CPU and GPU and a checkpoint
+            resumes on either.
     """
 
     FIELDS = ("obs", "act", "rew", "next_obs", "term")
@@ -26,8 +28,7 @@ class ReplayBuffer:
         self.next_obs = torch.empty(capacity, obs_dim, device=device)
         self.term = torch.empty(capacity, device=device)
         self.size, self.pos = 0, 0
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return self.size
@@ -47,9 +48,10 @@ class ReplayBuffer:
         self, batch_size: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, ...]:
         """A uniform batch (obs, act, rew, next_obs, term) of ``batch_size`` transitions,
-        drawn with ``generator`` (default: the buffer's own, which training uses)."""
+        drawn with ``generator``, a CPU generator (default: the buffer's own, which
+        training uses).  The indices move to the device in one small copy."""
         generator = self.generator if generator is None else generator
-        idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=generator)
+        idx = torch.randint(0, self.size, (batch_size,), generator=generator).to(self.device)
         return tuple(getattr(self, f)[idx] for f in self.FIELDS)
 
     def _chronological(self) -> torch.Tensor:

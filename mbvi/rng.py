@@ -40,7 +40,7 @@ def restore_rng_state(state: dict, generator: np.random.Generator) -> None:
 def side_stream(seed: int, device: torch.device):
     """Random numbers for measurements (evaluation, amortisation gap) that leave the
     training run's own alone: torch's stream is forked and seeded with ``seed`` for the
-    block, and a fresh generator seeded alike is yielded for replay sampling."""
+    block, and a fresh CPU generator seeded alike is yielded for replay sampling."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        yield torch.Generator(device=device).manual_seed(seed)
+        yield torch.Generator().manual_seed(seed)

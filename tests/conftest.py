@@ -14,6 +14,28 @@ MBVI = str(Path(sys.executable).with_name("mbvi"))
 
 torch.set_num_threads(1)
 
+_ACCELERATOR = ["cpu"]
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--accelerator",
+        default="cpu",
+        help="Lightning accelerator of the tests that train through a Trainer (cpu, cuda): "
+        "`pytest --accelerator cuda` runs them on a GPU.  The CLI tests use the CLI's "
+        "own default, auto.",
+    )
+
+
+def pytest_configure(config):
+    _ACCELERATOR[0] = config.getoption("--accelerator")
+
+
+def accelerator() -> str:
+    """The ``--accelerator`` the suite runs with (default ``cpu``)."""
+    return _ACCELERATOR[0]
+
+
 # Agent arguments of a run of a few hundred env steps (the Python-API twin of
 # configs/pendulum/tiny.yaml).
 TINY_AGENT = dict(
@@ -53,8 +75,9 @@ def cli_env() -> dict[str, str]:
 
 
 def fit_agent(agent, workdir, logger) -> L.Trainer:
-    """Train ``agent`` with a plain Trainer as the CLI configures it (CPU, no
-    Lightning checkpointing or bars: the agent checkpoints and reports by env steps)."""
+    """Train ``agent`` with a plain Trainer as the CLI configures it (no Lightning
+    checkpointing or bars: the agent checkpoints and reports by env steps), on the
+    suite's ``--accelerator``."""
     trainer = L.Trainer(
         logger=logger,
         max_epochs=-1,
@@ -62,7 +85,7 @@ def fit_agent(agent, workdir, logger) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(workdir),
-        accelerator="cpu",
+        accelerator=accelerator(),
     )
     trainer.fit(agent)
     return trainer

@@ -27,7 +27,7 @@ from mbvi.planners import Direct, GradientRefinement, Iterative
 from mbvi.pyro import ProgramPrior
 from mbvi.rng import capture_rng_state
 from mbvi.rollout import EnvRunner
-from tests.conftest import TINY_AGENT, fit_agent
+from tests.conftest import TINY_AGENT, accelerator, fit_agent
 
 
 class NaNAfter(gym.Wrapper):
@@ -300,7 +300,7 @@ def test_resume_restores_networks_optimiser_alpha_and_random_streams(workdir):
     fresh = {k: v.clone() for k, v in resumed.state_dict().items()}
     trainer = L.Trainer(
         logger=False, max_epochs=-1, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(workdir), accelerator="cpu",
+        enable_model_summary=False, default_root_dir=str(workdir), accelerator=accelerator(),
         callbacks=[Snapshot()],
     )  # fmt: skip
     trainer.fit(resumed, ckpt_path=path)
