@@ -283,7 +283,7 @@ def test_a_non_finite_parameter_is_never_checkpointed(workdir, monkeypatch):
 def test_resume_restores_networks_optimiser_alpha_and_random_streams(workdir):
     _, logger = fit(tiny_agent(total_env_steps=200), workdir)
     path = workdir / "checkpoints" / logger.run_id / "last.ckpt"
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, map_location="cpu", weights_only=False)
     with pytest.raises(CheckpointError, match="already reaches this run's budget of 200"):
         validate_checkpoint(path, tiny_agent(total_env_steps=200))
 
@@ -291,7 +291,7 @@ def test_resume_restores_networks_optimiser_alpha_and_random_streams(workdir):
 
     class Snapshot(L.Callback):
         def on_train_start(self, trainer, agent):
-            seen["state"] = {k: v.clone() for k, v in agent.state_dict().items()}
+            seen["state"] = {k: v.cpu().clone() for k, v in agent.state_dict().items()}
             seen["optimiser"] = copy.deepcopy(trainer.optimizers[0].state_dict())
             seen["rng"] = capture_rng_state(agent._rng)
             seen["env_steps"], seen["buffer"] = agent.env_steps, len(agent.buffer)
@@ -314,7 +314,7 @@ def test_resume_restores_networks_optimiser_alpha_and_random_streams(workdir):
     assert saved_opt and saved_opt.keys() == seen["optimiser"]["state"].keys()
     for i, state in saved_opt.items():
         for name, value in state.items():
-            assert torch.equal(seen["optimiser"]["state"][i][name], value), (i, name)
+            assert torch.equal(seen["optimiser"]["state"][i][name].cpu(), value), (i, name)
     rng = saved["mbvi"]["rng"]
     assert torch.equal(seen["rng"]["torch"], rng["torch"])
     assert torch.equal(seen["rng"]["numpy"][1], rng["numpy"][1])

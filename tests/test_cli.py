@@ -266,7 +266,7 @@ def test_a_checkpoint_loads_as_the_trained_agent(trained):
     _, _, _, ckpt = trained
     agent = VariationalAgent.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     assert agent.engine.hidden == (32, 32) and agent.value.hidden == (32, 32)
-    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     for name, tensor in agent.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
     assert agent.env_steps == 300 and len(agent.buffer) == 300
