@@ -29,7 +29,7 @@ from mbvi.checks import check_schedule, kl_target_per_dim
 from mbvi.components import build_component, component_params, component_spec
 from mbvi.diagnostics import amortisation_gap
 from mbvi.distributions import TanhGaussian
-from mbvi.errors import NonFiniteError
+from mbvi.errors import ConfigError, NonFiniteError
 from mbvi.metrics import RunningMeans
 from mbvi.objectives import Objective, alpha_loss, soft_td_target
 from mbvi.optim import fused_adam
@@ -300,13 +300,22 @@ class VariationalAgent(L.LightningModule):
 
         # Prior (M-step, learned priors only): fit p_θ to the posterior the engine's
         # loss was about (Eq. 7), without inferring it again.
-        prior_loss, prior_metrics = 0.0, {}
-        if self.prior.learnable:
-            posterior = TanhGaussian(engine_metrics["loc"], engine_metrics["log_scale"])
-            prior_loss, prior_metrics = self.prior.loss(s, posterior)
+        try:
+            prior_loss, prior_metrics = 0.0, {}
+            if self.prior.learnable:
+                posterior = TanhGaussian(engine_metrics["loc"], engine_metrics["log_scale"])
+                prior_loss, prior_metrics = self.prior.loss(s, posterior)
 
-        # Temperature: keep KL(π‖p) at its target.
-        kl = engine_metrics["kl"]
+            # Temperature: keep KL(π‖p) at its target.
+            kl = engine_metrics["kl"]
+        except KeyError as missing:
+            raise ConfigError(
+                f"{type(self.engine).__name__}.loss returned no {missing} metric, which "
+                f"the agent needs (metrics given: {sorted(engine_metrics)}). An engine's "
+                "loss metrics must hold 'kl' [B] for tuning α and, with a learned prior, "
+                "'loc' and 'log_scale' [B,A] of its posterior: add "
+                "mbvi.planners.base.posterior_metrics(posterior) to them."
+            ) from None
         a_loss = alpha_loss(self.log_alpha, kl, self.kl_target)
 
         opt.zero_grad(set_to_none=True)

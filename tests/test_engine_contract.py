@@ -3,10 +3,13 @@
 import pytest
 import torch
 
+from mbvi import LearnedPrior, VariationalAgent
 from mbvi.distributions import TanhGaussian
+from mbvi.errors import ConfigError
 from mbvi.objectives import Objective
 from mbvi.planners import Direct, GradientRefinement, Iterative
 from mbvi.priors import ConstantTanhGaussianPrior, UniformPrior
+from tests.conftest import TINY_AGENT
 
 OBS, ACT, B = 5, 3, 8
 
@@ -91,3 +94,32 @@ def test_rejects_states_of_the_wrong_shape(engine, objective_for):
     with pytest.raises(ValueError, match=r"states must have shape \[B, 5\], got \(8, 4\)"):
         s = torch.randn(B, OBS - 1)
         engine.infer(s, objective_for(torch.randn(B, OBS)))
+
+
+class ForgetfulDirect(Direct):
+    """A user's engine whose loss metrics leave out what the agent needs."""
+
+    def __init__(self, drop: tuple[str, ...]):
+        super().__init__(hidden=(16, 16))
+        self.drop = drop
+
+    def loss(self, s, objective):
+        loss, metrics = super().loss(s, objective)
+        return loss, {k: v for k, v in metrics.items() if k not in self.drop}
+
+
+@pytest.mark.parametrize(
+    "drop, prior, missing",
+    [(("kl",), UniformPrior, "'kl'"), (("loc", "log_scale"), LearnedPrior, "'loc'")],
+)
+def test_an_engine_without_the_needed_metrics_gets_a_clear_error(drop, prior, missing):
+    agent = VariationalAgent(
+        "Pendulum-v1", prior=prior(), engine=ForgetfulDirect(drop), **TINY_AGENT
+    )
+    agent.setup("fit")
+    agent.configure_optimizers()
+    for _ in range(64):
+        agent._act_and_store()
+    agent.optimizers = lambda use_pl_optimizer=True: None  # fails only after the check
+    with pytest.raises(ConfigError, match=f"ForgetfulDirect.loss returned no {missing} metric"):
+        agent.update(*agent.buffer.sample(32))
