@@ -14,6 +14,14 @@ def check_schedule(args: dict) -> None:
                  "eval_every", "eval_episodes", "log_every", "checkpoint_every"):  # fmt: skip
         if args[name] < 1:
             raise ConfigError(f"{name} must be >= 1, got {args[name]}")
+    for name in ("value_lr", "engine_lr", "alpha_lr", "prior_lr"):
+        if not args[name] >= 0:  # 0 holds a part fixed; a negative rate would ascend
+            raise ConfigError(f"{name} must be >= 0 (0 holds that part fixed), got {args[name]}")
+    for name in ("gap_every", "progress_refresh_s"):
+        if args[name] < 0:
+            raise ConfigError(f"{name} must be >= 0 (0 turns it off), got {args[name]}")
+    if args["gap_states"] < 1:
+        raise ConfigError(f"gap_states must be >= 1, got {args['gap_states']}")
     if args["init_alpha"] <= 0:
         raise ConfigError(f"init_alpha must be > 0, got {args['init_alpha']}")
     if not 0.0 < args["gamma"] <= 1.0:

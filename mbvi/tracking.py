@@ -58,13 +58,15 @@ class MLflowTracker(MLFlowLogger):
         )
         # Runs started together (one per seed) race to create a new SQLite store's
         # tables; the loser sees "table ... already exists" and succeeds on a retry.
+        # Any other failure (an unknown scheme, a path that cannot be a file) is the
+        # user's to fix.
         for attempt in range(5):
             try:
                 super().__init__(**kwargs)
                 break
-            except Exception:
-                if attempt == 4:
-                    raise
+            except Exception as err:
+                if attempt == 4 or "already exists" not in str(err):
+                    raise _tracking_error(kwargs["tracking_uri"], err) from None
                 time.sleep(1.0 + attempt)
         self._killed = False
 
@@ -76,12 +78,7 @@ class MLflowTracker(MLFlowLogger):
             _ = self.experiment
             _ = self.run_id
         except Exception as err:  # any failure to open the store is the user's to fix
-            raise TrackingError(
-                f"cannot use the MLflow tracking URI {self._tracking_uri!r}: "
-                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
-                "Start the tracking server, fix the URI, or drop the option to use the "
-                f"embedded store {DEFAULT_TRACKING_URI}."
-            ) from None
+            raise _tracking_error(self._tracking_uri, err) from None
 
     def default_run_name(self, name: str) -> None:
         """Name the run ``name`` unless a run name was configured (call before the run
@@ -97,3 +94,12 @@ class MLflowTracker(MLFlowLogger):
             return
         mlflow.flush_async_logging()
         super().finalize("KILLED" if self._killed else status)
+
+
+def _tracking_error(uri: str, err: Exception) -> TrackingError:
+    first_line = str(err).splitlines()[0] if str(err) else ""
+    return TrackingError(
+        f"cannot use the MLflow tracking URI {uri!r}: {type(err).__name__}: {first_line}. "
+        "Start the tracking server, fix the URI, or drop the option to use the embedded "
+        f"store {DEFAULT_TRACKING_URI}."
+    )

@@ -173,12 +173,21 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
             ["--trainer.logger.init_args.tracking_uri", "http://127.0.0.1:9"],
             "cannot use the MLflow tracking URI 'http://127.0.0.1:9'",
         ),
+        (
+            ["--trainer.logger.init_args.tracking_uri", "foo://bar"],
+            "cannot use the MLflow tracking URI 'foo://bar'",
+        ),
+        (  # a store path under something that is not a folder
+            ["--trainer.logger.init_args.tracking_uri", "sqlite:////dev/null/m.db"],
+            "cannot use the MLflow tracking URI 'sqlite:////dev/null/m.db'",
+        ),
         (["--ckpt_path", "nowhere/last.ckpt"], "checkpoint 'nowhere/last.ckpt' does not exist"),
         (  # a component's own check, raised while jsonargparse builds it
             ["--model.engine", "mbvi.planners.Iterative", "--model.engine.iterations", "0"],
             "Iterative: iterations must be >= 1, got 0",
         ),
         (["--model.warmup_steps", "5000"], "no update would ever run"),
+        (["--model.value_lr", "-0.01"], "value_lr must be >= 0 (0 holds that part fixed)"),
     ],
 )
 def test_bad_input_fails_before_training_with_a_clear_error(workdir, capsys, args, message):
