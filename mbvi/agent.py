@@ -369,7 +369,7 @@ class VariationalAgent(L.LightningModule):
         ``eval_every`` cannot change a run) nor depend on them."""
         policy = partial(self._policy, deterministic=True)
         with side_stream(self.hparams.seed + self.env_steps, self.device):
-            returns = evaluate(self.eval_runner, policy, self.hparams.eval_episodes)
+            returns = evaluate(self.eval_runner, policy, self.hparams.eval_episodes, self.env_steps)
         mean = float(np.mean(returns))
         self._log({"eval/return": mean, "eval/return_std": float(np.std(returns))})
         self.last_eval_return = mean
@@ -399,4 +399,4 @@ class VariationalAgent(L.LightningModule):
     def _restore_rng(self, rng: dict) -> None:
         restore_rng_state(rng, self._rng)
         # Env internals are not checkpointed: the resumed run starts a fresh episode.
-        self.runner.restart(self.hparams.seed + self.env_steps)
+        self.runner.restart(self.hparams.seed + self.env_steps, self.env_steps)

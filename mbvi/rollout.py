@@ -43,10 +43,11 @@ class EnvRunner:
         self.obs_dim = self.env.observation_space.shape[0]
         self.act_dim = self.env.action_space.shape[0]
         self.episodes = 0
-        self._reset(seed)
+        self._reset(0, seed)
 
-    def _reset(self, seed: int | None = None) -> None:
+    def _reset(self, env_step: int, seed: int | None = None) -> None:
         self.obs, _ = self.env.reset(seed=seed)
+        check_finite(self.env_id, self.obs, 0.0, f"at the reset after env step {env_step}")
         self.episode_return = 0.0
 
     def step(self, policy: Policy, env_step: int) -> Transition:
@@ -55,51 +56,64 @@ class EnvRunner:
         action = policy(obs)
         next_obs, reward, terminated, truncated, _ = self.env.step(self.scaler.to_env(action))
         reward = float(reward)
-        if not (np.isfinite(reward) and np.isfinite(next_obs).all()):
-            quantity = "reward" if not np.isfinite(reward) else "observation"
-            raise NonFiniteError(
-                f"the {quantity} from env {self.env_id!r} is NaN or Inf at env step {env_step}; "
-                "training stopped (the last good checkpoint is kept). Check the env and the "
-                "actions it receives."
-            )
+        check_finite(self.env_id, next_obs, reward, f"at env step {env_step}")
         self.episode_return += reward
         done_return = None
         if terminated or truncated:
             done_return = self.episode_return
             self.episodes += 1
-            self._reset()
+            self._reset(env_step)
         else:
             self.obs = next_obs
         return Transition(obs, action, reward, next_obs, bool(terminated), done_return)
 
-    def restart(self, seed: int) -> None:
-        """Start a fresh episode with a new seed (used after resuming from a checkpoint)."""
+    def restart(self, seed: int, env_step: int = 0) -> None:
+        """Start a fresh episode with a new seed (used after resuming from a checkpoint
+        at ``env_step``)."""
         self.env.action_space.seed(seed)
-        self._reset(seed)
+        self._reset(env_step, seed)
 
     def close(self) -> None:
         self.env.close()
 
 
+def check_finite(env_id: str, obs: np.ndarray, reward: float, where: str) -> None:
+    """NonFiniteError naming the quantity, the env and ``where`` (e.g. "at env step 7")
+    unless ``obs`` and ``reward`` are finite."""
+    if np.isfinite(reward) and np.isfinite(obs).all():
+        return
+    quantity = "reward" if not np.isfinite(reward) else "observation"
+    raise NonFiniteError(
+        f"the {quantity} from env {env_id!r} is NaN or Inf {where}; training stopped (the "
+        "last good checkpoint is kept). Check the env and the actions it receives."
+    )
+
+
 def record_episodes(
-    env_runner: EnvRunner, policy: Policy, episodes: int
+    env_runner: EnvRunner, policy: Policy, episodes: int, env_step: int = 0
 ) -> list[tuple[np.ndarray, float]]:
     """``episodes`` full episodes of ``policy`` on ``env_runner``'s env: for each, the
-    observations it acted on [T, S] and its return."""
-    env, scaler = env_runner.env, env_runner.scaler
+    observations it acted on [T, S] and its return.  ``env_step``, the training step
+    the episodes evaluate, only labels error messages."""
+    env, scaler, env_id = env_runner.env, env_runner.scaler, env_runner.env_id
+    where = f"in an evaluation episode at env step {env_step}"
     out = []
     for _ in range(episodes):
         obs, _ = env.reset()
+        check_finite(env_id, obs, 0.0, where)
         seen, total, done = [], 0.0, False
         while not done:
             seen.append(obs)
             obs, reward, terminated, truncated, _ = env.step(scaler.to_env(policy(obs)))
+            check_finite(env_id, obs, float(reward), where)
             total += float(reward)
             done = terminated or truncated
         out.append((np.stack(seen), total))
     return out
 
 
-def evaluate(env_runner: EnvRunner, policy: Policy, episodes: int) -> list[float]:
+def evaluate(
+    env_runner: EnvRunner, policy: Policy, episodes: int, env_step: int = 0
+) -> list[float]:
     """Returns of ``episodes`` full episodes of ``policy`` on ``env_runner``'s env."""
-    return [ret for _, ret in record_episodes(env_runner, policy, episodes)]
+    return [ret for _, ret in record_episodes(env_runner, policy, episodes, env_step)]

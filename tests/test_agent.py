@@ -2,6 +2,7 @@
 
 import copy
 import io
+from functools import partial
 
 import gymnasium as gym
 import lightning as L
@@ -26,7 +27,7 @@ from mbvi.errors import CheckpointError, ConfigError, EnvError
 from mbvi.planners import Direct, GradientRefinement, Iterative
 from mbvi.pyro import ProgramPrior
 from mbvi.rng import capture_rng_state
-from mbvi.rollout import EnvRunner
+from mbvi.rollout import EnvRunner, evaluate
 from tests.conftest import TINY_AGENT, accelerator, fit_agent
 
 
@@ -46,6 +47,28 @@ class NaNAfter(gym.Wrapper):
 
 
 gym.register("NaNPendulum-v0", entry_point=NaNAfter)
+
+
+class NaNOnSecondReset(gym.Wrapper):
+    """Pendulum whose second reset observation is NaN or, built with ``nan_reward``,
+    whose rewards are all NaN."""
+
+    def __init__(self, nan_reward=False):
+        super().__init__(gym.make("Pendulum-v1"))
+        self.resets, self.nan_reward = 0, nan_reward
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.resets += 1
+        return (obs * np.nan if self.resets == 2 and not self.nan_reward else obs), info
+
+    def step(self, action):
+        obs, r, term, trunc, info = self.env.step(action)
+        return obs, (np.nan if self.nan_reward else r), term, trunc, info
+
+
+gym.register("NaNResetPendulum-v0", entry_point=NaNOnSecondReset)
+gym.register("NaNRewardPendulum-v0", entry_point=partial(NaNOnSecondReset, nan_reward=True))
 
 
 def tiny_agent(env_id="Pendulum-v1", **overrides):
@@ -121,6 +144,28 @@ def test_nan_observation_stops_with_a_message_and_keeps_the_last_checkpoint(work
     assert run.info.status == "FAILED"
     ckpt = torch.load(workdir / "checkpoints" / run.info.run_id / "last.ckpt", weights_only=False)
     assert ckpt["mbvi"]["env_steps"] == 100  # the last good one
+
+
+def test_a_nan_reset_observation_is_named_with_its_env_step():
+    runner = EnvRunner("NaNResetPendulum-v0", seed=0)  # Pendulum truncates at 200 steps
+    zero = lambda obs: np.zeros(1)  # noqa: E731
+    for step in range(1, 200):
+        runner.step(zero, step)
+    with pytest.raises(
+        NonFiniteError,
+        match=r"observation from env 'NaNResetPendulum-v0' is NaN or Inf at the reset after "
+        r"env step 200",
+    ):
+        runner.step(zero, 200)
+
+
+def test_a_nan_in_an_evaluation_episode_is_named():
+    runner = EnvRunner("NaNRewardPendulum-v0", seed=0)
+    with pytest.raises(
+        NonFiniteError,
+        match=r"reward from env .* is NaN or Inf in an evaluation episode at env step 500",
+    ):
+        evaluate(runner, lambda obs: np.zeros(1), episodes=1, env_step=500)
 
 
 def test_nan_loss_stops_naming_the_loss(workdir, monkeypatch):
