@@ -78,11 +78,18 @@ def validate_checkpoint(path: str | Path, agent) -> dict:
 def check_engine_format(saved: dict, engine, path: str | Path | None = None) -> None:
     """Raise ``CheckpointError`` when the checkpoint's engine parameters were saved under
     another ``state_format`` than ``engine`` reads (checkpoints from before formats were
-    recorded count as format 1)."""
+    recorded count as format 1), or by another engine than ``engine``."""
+    name = type(engine).__name__
+    where = "this checkpoint" if path is None else f"checkpoint {str(path)!r}"
+    saved_name = saved.get("engine", name)  # recorded since checkpoints name their engine
+    if saved_name != name:
+        raise CheckpointError(
+            f"{where} was written by a {saved_name} engine, but this run is configured with "
+            f"{name}; configure the engine of the run that wrote it (its config.yaml "
+            "artifact) or pass another checkpoint."
+        )
     written, reads = saved.get("engine_format", 1), engine.state_format
     if written != reads:
-        name = type(engine).__name__
-        where = "this checkpoint" if path is None else f"checkpoint {str(path)!r}"
         raise CheckpointError(
             f"{where} holds {name} parameters of state format {written}, but "
             f"this version of mbvi's {name} reads format {reads} (same shapes, different "
@@ -93,7 +100,7 @@ def check_engine_format(saved: dict, engine, path: str | Path | None = None) -> 
 
 def agent_state(agent, rng: dict) -> dict:
     """``checkpoint["mbvi"]``: what ``validate_checkpoint`` checks before a resume (env,
-    sizes, engine format, env steps, the MLflow run that wrote it) and what the resumed
+    sizes, engine and its format, env steps, the MLflow run that wrote it) and what the resumed
     run restores (env-step counter, replay buffer, random streams ``rng``)."""
     return {
         "run_id": getattr(agent.logger, "run_id", None),  # the MLflow run, if any
@@ -101,6 +108,7 @@ def agent_state(agent, rng: dict) -> dict:
         "obs_dim": agent.runner.obs_dim,
         "act_dim": agent.runner.act_dim,
         "env_steps": agent.env_steps,
+        "engine": type(agent.engine).__name__,
         "engine_format": agent.engine.state_format,
         "last_episode_return": agent.last_episode_return,
         "buffer": agent.buffer.state_dict(),

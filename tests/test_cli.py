@@ -228,6 +228,16 @@ def test_checkpoint_from_another_env_is_rejected(trained, workdir, capsys):
     )
 
 
+def test_checkpoint_of_another_engine_is_rejected(trained, workdir, capsys):
+    _, _, _, ckpt = trained
+    code, _, err = run_mbvi_here(
+        capsys, "--model.engine", "mbvi.planners.Iterative", "--model.engine.init_loc", "0",
+        "--model.engine.init_log_scale", "0", "--ckpt_path", str(ckpt),
+    )  # fmt: skip
+    assert code == 2, err[-2000:]
+    assert "was written by a Direct engine, but this run is configured with Iterative" in err
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_writes_a_checkpoint_and_marks_the_run_killed(workdir, sig):
     """Ctrl-C, or SIGTERM from a job scheduler, with the progress bar on (the default)."""
