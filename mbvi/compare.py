@@ -4,6 +4,8 @@
                  [--at-step N]
 
 Reads the experiment's FINISHED runs and groups them by (engine, prior, value, env_id);
+a run resumed from a checkpoint (tag ``mbvi.resumed_from``) is joined with the runs it
+continues, finished or not, into one sample (one curve, their wall-clocks added);
 a warning names any other setting that differs within a group (seed, budget and
 bookkeeping aside).
 A table row per group: the seeds; the final metric (each run's value at its last logged
@@ -111,6 +113,28 @@ def truncate(runs: Sequence[RunData], at_step: int) -> list[RunData]:
         replace(r, curve=cut(r.curve), j_iter={k: cut(c) for k, c in r.j_iter.items()})
         for r in runs
     ]
+
+
+def join_resumed(chain: Sequence[RunData]) -> RunData:
+    """One sample of a seed trained in several runs, each resumed from a checkpoint of
+    the one before (``chain``, oldest first): a later run's points replace the earlier
+    runs' from its first logged step on, and the wall-clock times add up."""
+
+    def join(curves: Sequence[Curve]) -> Curve:
+        joined: Curve = {}
+        for curve in curves:
+            start = min(curve, default=None)
+            joined = {k: v for k, v in joined.items() if start is None or k < start} | curve
+        return joined
+
+    last = chain[-1]
+    ks = sorted(set().union(*(r.j_iter for r in chain)))
+    return replace(
+        last,
+        curve=join([r.curve for r in chain]),
+        duration_s=sum(r.duration_s for r in chain),
+        j_iter={k: join([r.j_iter.get(k, {}) for r in chain]) for k in ks},
+    )
 
 
 def group_runs(runs: Sequence[RunData]) -> dict[tuple[str, ...], list[RunData]]:
@@ -247,10 +271,25 @@ def load_runs(client, experiment: str, metric: str) -> tuple[str, list[RunData]]
             f"experiment {experiment!r} not found; existing experiments: "
             f"{', '.join(map(repr, names)) or 'none'}. Pass one with --experiment."
         )
+    from mbvi.tracking import RESUMED_FROM_TAG
+
     found = client.search_runs([exp.experiment_id], max_results=50_000)
     found = [r for r in found if COMPARE_TAG not in r.data.tags]
-    finished = [r for r in found if r.info.status == "FINISHED"]
-    skipped = [f"{r.info.run_name} ({r.info.status})" for r in found if r not in finished]
+    by_id = {r.info.run_id: r for r in found}
+    parent = {rid: r.data.tags.get(RESUMED_FROM_TAG) for rid, r in by_id.items()}
+    continued = {p for p in parent.values() if p in by_id}  # resumed by a later run
+
+    def chain(run) -> list:  # the run and the runs it continues, oldest first
+        runs = [run]
+        while parent[runs[0].info.run_id] in by_id and len(runs) <= len(by_id):
+            runs.insert(0, by_id[parent[runs[0].info.run_id]])
+        return runs
+
+    finished = [r for r in found if r.info.status == "FINISHED" and r.info.run_id not in continued]
+    part_of = {c.info.run_id for r in finished for c in chain(r)}
+    skipped = [
+        f"{r.info.run_name} ({r.info.status})" for r in found if r.info.run_id not in part_of
+    ]
     if skipped:
         print(f"mbvi compare: skipping unfinished runs: {', '.join(skipped)}", file=sys.stderr)
     if not finished:
@@ -258,7 +297,7 @@ def load_runs(client, experiment: str, metric: str) -> tuple[str, list[RunData]]
     problems = []
     for r in finished:
         missing = [p for p in (*GROUP_PARAMS, "seed") if p not in r.data.params]
-        missing += [m for m in [metric] if m not in r.data.metrics]
+        missing += [m for m in [metric] if all(m not in c.data.metrics for c in chain(r))]
         if missing:
             problems.append(f"{r.info.run_name} ({r.info.run_id}) lacks {', '.join(missing)}")
     if problems:
@@ -266,7 +305,9 @@ def load_runs(client, experiment: str, metric: str) -> tuple[str, list[RunData]]
             f"cannot compare experiment {experiment!r}: {'; '.join(problems)}. Delete these "
             "runs, or pick another --metric or --experiment."
         )
-    return exp.experiment_id, [_run_data(client, r, metric) for r in finished]
+    return exp.experiment_id, [
+        join_resumed([_run_data(client, c, metric) for c in chain(r)]) for r in finished
+    ]
 
 
 def _run_data(client, run, metric: str) -> RunData:
@@ -334,7 +375,7 @@ def compare(
         if dup := duplicate_seeds(row):
             print(
                 f"mbvi compare: {label(row.group)}: seed(s) {', '.join(dup)} appear in more "
-                "than one run (a resumed run?); each run counts as one sample",
+                "than one run; each run counts as one sample",
                 file=sys.stderr,
             )
     from mbvi.figures import plot_curves, plot_improvement  # matplotlib only when plotting

@@ -25,6 +25,7 @@ from mbvi.compare import (
     format_table,
     improvement,
     iteration_keys,
+    join_resumed,
     mean_std,
     mixed_settings,
     summarize,
@@ -319,6 +320,41 @@ def test_unfinished_runs_are_skipped(store_copy, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "skipping unfinished runs: still-running (RUNNING)" in err
     assert "2 [0, 1]" in out and (tmp_path / "tiny_returns.png").exists()
+
+
+def test_a_resumed_run_joins_the_run_it_continues():
+    first = run_data(seed="3", curve={100: 1.0, 200: 2.0, 300: 3.0}, duration_s=10.0)
+    first.j_iter = {0: {100: 0.5, 300: 0.7}}
+    second = run_data(seed="3", curve={300: 30.0, 400: 40.0}, duration_s=5.0, env_steps=400)
+    second.run_id, second.j_iter = "id-resumed", {0: {400: 0.9}}
+    joined = join_resumed([first, second])
+    assert joined.curve == {100: 1.0, 200: 2.0, 300: 30.0, 400: 40.0}
+    assert joined.j_iter == {0: {100: 0.5, 300: 0.7, 400: 0.9}}
+    assert joined.duration_s == 15.0 and joined.env_steps == 400
+    assert joined.run_id == "id-resumed"
+
+
+def test_an_interrupted_then_resumed_seed_counts_once(store_copy, tmp_path, capsys):
+    """A KILLED run and the run resumed from its checkpoint (tagged mbvi.resumed_from)
+    are one sample: neither skipped nor counted twice."""
+    uri, client, exp_id = store_copy
+    ids = []
+    for name, status, step, value in [
+        ("half", "KILLED", 100, -1e4),
+        ("rest", "FINISHED", 200, 7.0),
+    ]:
+        tags = {"mbvi.resumed_from": ids[-1]} if ids else {}
+        run = client.create_run(exp_id, run_name=name, tags=tags)
+        for key, param in zip(("engine", "prior", "value", "env_id", "seed"), (*DIRECT, "2")):
+            client.log_param(run.info.run_id, key, param)
+        client.log_metric(run.info.run_id, "eval/return", value, step=step)
+        client.set_terminated(run.info.run_id, status)
+        ids.append(run.info.run_id)
+    assert compare_main(uri, tmp_path) == 0
+    out, err = capsys.readouterr()
+    assert "skipping" not in err and "more than one run" not in err
+    (row,) = [line for line in out.splitlines() if line.startswith("Direct")]
+    assert "3 [0, 1, 2]" in row
 
 
 def test_a_folder_without_a_store_is_an_error_and_stays_empty(tmp_path, monkeypatch, capsys):
