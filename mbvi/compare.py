@@ -13,7 +13,8 @@ step), mean ± std over seeds (population std, 0 for one seed); the env steps re
 (the group's smallest last step); the wall-clock (mean run duration); steps/s (mean over
 seeds of each run's env steps reached divided by its duration: warm-up, evaluation and
 start-up included, what a researcher waits for).  Figures
-(``mbvi.figures``) written to ``--output``: ``<experiment>_returns.png`` (Fig. 3b) and,
+(``mbvi.figures``) written to ``--output``: ``<experiment>_returns.png`` (Fig. 3b; for
+another ``--metric``, ``<experiment>_<metric with / as _>.png``) and,
 when a run logged ``engine/j_iter_k``, ``<experiment>_inference_improvement.png`` (Fig. 2).
 
 ``--at-step N`` compares the runs at equal env steps: every curve (the metric's and
@@ -382,7 +383,8 @@ def compare(
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    files = [plot_curves(runs, metric, experiment, out / f"{experiment}_returns.png")]
+    name = "returns" if metric == "eval/return" else metric.replace("/", "_")
+    files = [plot_curves(runs, metric, experiment, out / f"{experiment}_{name}.png")]
     if any(r.j_iter for r in runs):
         files.append(
             plot_improvement(runs, experiment, out / f"{experiment}_inference_improvement.png")

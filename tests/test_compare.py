@@ -357,6 +357,14 @@ def test_an_interrupted_then_resumed_seed_counts_once(store_copy, tmp_path, caps
     assert "3 [0, 1, 2]" in row
 
 
+def test_another_metric_is_compared_and_plotted_under_its_own_name(store, tmp_path, capsys):
+    uri = f"sqlite:///{store}/mlflow.db"
+    assert compare_main(uri, tmp_path, "--metric", "loss/value") == 0
+    assert "loss/value" in capsys.readouterr().out
+    assert (tmp_path / "tiny_loss_value.png").read_bytes()[:8] == PNG_MAGIC
+    assert not (tmp_path / "tiny_returns.png").exists()
+
+
 def test_a_folder_without_a_store_is_an_error_and_stays_empty(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
