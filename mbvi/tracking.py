@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import os
-import time
+from contextlib import contextmanager
 
 import mlflow
 from lightning.pytorch.loggers import MLFlowLogger
@@ -20,6 +20,12 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mbvi.errors import TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+_SQLITE = "sqlite:///"
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; start runs on a new store one at a time
+    fcntl = None
 
 
 RESUMED_FROM_TAG = "mbvi.resumed_from"
@@ -56,18 +62,14 @@ class MLflowTracker(MLFlowLogger):
             log_model=False,
             synchronous=False,
         )
-        # Runs started together (one per seed) race to create a new SQLite store's
-        # tables; the loser sees "table ... already exists" and succeeds on a retry.
-        # Any other failure (an unknown scheme, a path that cannot be a file) is the
-        # user's to fix.
-        for attempt in range(5):
+        # Runs started together (one per seed) would race to create a new SQLite
+        # store's tables: the lock lets one build them while the others wait.  Any
+        # failure (an unknown scheme, a path that cannot be a file) is the user's to fix.
+        with _store_lock(kwargs["tracking_uri"]):
             try:
                 super().__init__(**kwargs)
-                break
             except Exception as err:
-                if attempt == 4 or "already exists" not in str(err):
-                    raise _tracking_error(kwargs["tracking_uri"], err) from None
-                time.sleep(1.0 + attempt)
+                raise _tracking_error(kwargs["tracking_uri"], err) from None
         self._killed = False
 
     def check_reachable(self) -> None:
@@ -75,8 +77,9 @@ class MLflowTracker(MLFlowLogger):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         try:
-            _ = self.experiment
-            _ = self.run_id
+            with _store_lock(self._tracking_uri):  # runs started together create one experiment
+                _ = self.experiment
+                _ = self.run_id
         except Exception as err:  # any failure to open the store is the user's to fix
             raise _tracking_error(self._tracking_uri, err) from None
 
@@ -94,6 +97,27 @@ class MLflowTracker(MLFlowLogger):
             return
         mlflow.flush_async_logging()
         super().finalize("KILLED" if self._killed else status)
+
+
+@contextmanager
+def _store_lock(uri: str):
+    """For an SQLite store, hold an exclusive lock on ``<store>.lock`` beside it: MLflow
+    creates a new store's tables and an experiment without guarding against another
+    process doing the same at that moment.  Other stores need no lock."""
+    if fcntl is None or not uri.startswith(_SQLITE):
+        yield
+        return
+    try:
+        handle = open(uri[len(_SQLITE) :] + ".lock", "a")
+    except OSError:  # no folder for the store: opening the store names the problem
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _tracking_error(uri: str, err: Exception) -> TrackingError:
