@@ -298,16 +298,12 @@ class VariationalAgent(L.LightningModule):
         objective = Objective(s, partial(self.value, frozen=True), self.prior, alpha)
         engine_loss, engine_metrics = self.engine.loss(s, objective)
 
-        # Prior (M-step, learned priors only): fit p_θ to the posterior the engine's
-        # loss was about (Eq. 7), without inferring it again.
+        # The engine's metrics carry KL(π‖p) [B] and, for a learned prior, the
+        # posterior its loss was about.
         try:
-            prior_loss, prior_metrics = 0.0, {}
+            kl = engine_metrics["kl"]
             if self.prior.learnable:
                 posterior = TanhGaussian(engine_metrics["loc"], engine_metrics["log_scale"])
-                prior_loss, prior_metrics = self.prior.loss(s, posterior)
-
-            # Temperature: keep KL(π‖p) at its target.
-            kl = engine_metrics["kl"]
         except KeyError as missing:
             raise ConfigError(
                 f"{type(self.engine).__name__}.loss returned no {missing} metric, which "
@@ -316,6 +312,14 @@ class VariationalAgent(L.LightningModule):
                 "'loc' and 'log_scale' [B,A] of its posterior: add "
                 "mbvi.planners.base.posterior_metrics(posterior) to them."
             ) from None
+
+        # Prior (M-step, learned priors only): fit p_θ to that posterior (Eq. 7),
+        # without inferring it again.
+        prior_loss, prior_metrics = 0.0, {}
+        if self.prior.learnable:
+            prior_loss, prior_metrics = self.prior.loss(s, posterior)
+
+        # Temperature: keep KL(π‖p) at its target.
         a_loss = alpha_loss(self.log_alpha, kl, self.kl_target)
 
         opt.zero_grad(set_to_none=True)

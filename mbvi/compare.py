@@ -138,6 +138,31 @@ def join_resumed(chain: Sequence[RunData]) -> RunData:
     )
 
 
+def resume_chains(
+    runs: Sequence[tuple[str, str, str | None, int]],
+) -> tuple[list[list[str]], list[str]]:
+    """Which runs make one sample of a seed: ``runs`` are (run id, status, id of the run
+    it resumed from or None, start time).  Every FINISHED run that no FINISHED run
+    resumed ends a chain that walks back through the runs it resumed, whatever their
+    status; a run resumed more than once belongs to the latest-started chain only.
+    Returns the chains (run ids, oldest first) and the ids of the runs in none."""
+    info = {rid: (status, parent, start) for rid, status, parent, start in runs}
+    resumed_by_finished = {p for st, p, _ in info.values() if st == "FINISHED" and p in info}
+    ends = [rid for rid, (st, _, _) in info.items() if st == "FINISHED"]
+    ends = [rid for rid in ends if rid not in resumed_by_finished]
+    claimed: set[str] = set()
+    chains = []
+    for end in sorted(ends, key=lambda rid: info[rid][2], reverse=True):
+        chain, parent = [end], info[end][1]
+        claimed.add(end)
+        while parent in info and parent not in claimed:
+            chain.insert(0, parent)
+            claimed.add(parent)
+            parent = info[parent][1]
+        chains.append(chain)
+    return chains, [rid for rid in info if rid not in claimed]
+
+
 def group_runs(runs: Sequence[RunData]) -> dict[tuple[str, ...], list[RunData]]:
     groups: dict[tuple[str, ...], list[RunData]] = {}
     for run in sorted(runs, key=lambda r: (r.group, r.seed, r.run_id)):
@@ -254,9 +279,13 @@ def open_store(uri: str):
     return MlflowClient(uri)
 
 
+def _points(client, run_id: str, key: str) -> list:
+    return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+
+
 def _history(client, run_id: str, key: str) -> Curve:
-    points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
-    return {m.step: m.value for m in points}  # a step logged twice keeps its last value
+    # A step logged twice keeps its last value.
+    return {m.step: m.value for m in _points(client, run_id, key)}
 
 
 def load_runs(client, experiment: str, metric: str) -> tuple[str, list[RunData]]:
@@ -275,22 +304,18 @@ def load_runs(client, experiment: str, metric: str) -> tuple[str, list[RunData]]
     from mbvi.tracking import RESUMED_FROM_TAG
 
     found = client.search_runs([exp.experiment_id], max_results=50_000)
-    found = [r for r in found if COMPARE_TAG not in r.data.tags]
-    by_id = {r.info.run_id: r for r in found}
-    parent = {rid: r.data.tags.get(RESUMED_FROM_TAG) for rid, r in by_id.items()}
-    continued = {p for p in parent.values() if p in by_id}  # resumed by a later run
+    by_id = {r.info.run_id: r for r in found if COMPARE_TAG not in r.data.tags}
+    ids, skipped_ids = resume_chains(
+        [(rid, r.info.status, r.data.tags.get(RESUMED_FROM_TAG), r.info.start_time)
+         for rid, r in by_id.items()]
+    )  # fmt: skip
+    chains = {c[-1]: [by_id[rid] for rid in c] for c in ids}  # last run id -> its chain
+    finished = [by_id[last] for last in chains]
+    skipped = [f"{by_id[rid].info.run_name} ({by_id[rid].info.status})" for rid in skipped_ids]
 
-    def chain(run) -> list:  # the run and the runs it continues, oldest first
-        runs = [run]
-        while parent[runs[0].info.run_id] in by_id and len(runs) <= len(by_id):
-            runs.insert(0, by_id[parent[runs[0].info.run_id]])
-        return runs
+    def chain(run) -> list:
+        return chains[run.info.run_id]
 
-    finished = [r for r in found if r.info.status == "FINISHED" and r.info.run_id not in continued]
-    part_of = {c.info.run_id for r in finished for c in chain(r)}
-    skipped = [
-        f"{r.info.run_name} ({r.info.status})" for r in found if r.info.run_id not in part_of
-    ]
     if skipped:
         print(f"mbvi compare: skipping unfinished runs: {', '.join(skipped)}", file=sys.stderr)
     if not finished:
@@ -314,15 +339,19 @@ def load_runs(client, experiment: str, metric: str) -> tuple[str, list[RunData]]
 def _run_data(client, run, metric: str) -> RunData:
     rid = run.info.run_id
     ks = iteration_keys(run.data.metrics)
-    curve = _history(client, rid, metric)
+    points = _points(client, rid, metric) + _points(client, rid, SPEED)
+    curve = {m.step: m.value for m in points if m.key == metric}
+    # A run killed hard (SIGKILL, out of memory) never got an end time: it ran until
+    # its last logged point.
+    end = run.info.end_time or max((m.timestamp for m in points), default=run.info.start_time)
     return RunData(
         run_id=rid,
         name=run.info.run_name,
         group=tuple(run.data.params[p] for p in GROUP_PARAMS),
         seed=run.data.params["seed"],
         curve=curve,
-        duration_s=((run.info.end_time or run.info.start_time) - run.info.start_time) / 1e3,
-        env_steps=max([*curve, *_history(client, rid, SPEED)], default=0),
+        duration_s=(end - run.info.start_time) / 1e3,
+        env_steps=max((m.step for m in points), default=0),
         j_iter={k: _history(client, rid, f"{J_ITER}{k}") for k in ks},
         params=dict(run.data.params),
     )

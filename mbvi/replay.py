@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -28,6 +30,7 @@ class ReplayBuffer:
         self.next_obs = torch.empty(capacity, obs_dim, device=device)
         self.term = torch.empty(capacity, device=device)
         self.size, self.pos = 0, 0
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -74,4 +77,12 @@ class ReplayBuffer:
         for f in self.FIELDS:
             getattr(self, f)[:keep] = state[f][n - keep :].to(self.device)
         self.size, self.pos = keep, keep % self.capacity
-        self.generator.set_state(state["generator"])
+        try:
+            self.generator.set_state(state["generator"])
+        except RuntimeError:  # a CUDA generator's state, saved before sampling moved to CPU
+            warnings.warn(
+                "the checkpoint's replay generator state is not a CPU generator's (written "
+                "by an older mbvi on a GPU): replay sampling continues from a fresh seed",
+                stacklevel=2,
+            )
+            self.generator.manual_seed(self.seed + n)

@@ -26,8 +26,10 @@ from mbvi.compare import (
     improvement,
     iteration_keys,
     join_resumed,
+    load_runs,
     mean_std,
     mixed_settings,
+    resume_chains,
     summarize,
     truncate,
 )
@@ -335,26 +337,55 @@ def test_a_resumed_run_joins_the_run_it_continues():
 
 
 def test_an_interrupted_then_resumed_seed_counts_once(store_copy, tmp_path, capsys):
-    """A KILLED run and the run resumed from its checkpoint (tagged mbvi.resumed_from)
-    are one sample: neither skipped nor counted twice."""
+    """A run killed hard (left RUNNING, no end time) and the run resumed from its
+    checkpoint (tagged mbvi.resumed_from) are one sample: neither skipped nor counted
+    twice, and the wall-clock adds the first run's time up to its last logged point."""
     uri, client, exp_id = store_copy
-    ids = []
-    for name, status, step, value in [
-        ("half", "KILLED", 100, -1e4),
-        ("rest", "FINISHED", 200, 7.0),
-    ]:
+    t0, ids = 1_700_000_000_000, []
+    for name, start, step, value in [("half", t0, 100, -1e4), ("rest", t0 + 100_000, 200, 7.0)]:
         tags = {"mbvi.resumed_from": ids[-1]} if ids else {}
-        run = client.create_run(exp_id, run_name=name, tags=tags)
+        run = client.create_run(exp_id, run_name=name, tags=tags, start_time=start)
         for key, param in zip(("engine", "prior", "value", "env_id", "seed"), (*DIRECT, "2")):
             client.log_param(run.info.run_id, key, param)
-        client.log_metric(run.info.run_id, "eval/return", value, step=step)
-        client.set_terminated(run.info.run_id, status)
+        client.log_metric(run.info.run_id, "eval/return", value, start + 60_000, step)
         ids.append(run.info.run_id)
+    client.set_terminated(ids[-1], "FINISHED", end_time=t0 + 130_000)  # "half" stays RUNNING
+
+    _, runs = load_runs(client, "tiny", "eval/return")
+    (joined,) = [r for r in runs if r.seed == "2"]
+    assert joined.curve == {100: -1e4, 200: 7.0} and joined.run_id == ids[-1]
+    assert joined.duration_s == 60.0 + 30.0
     assert compare_main(uri, tmp_path) == 0
     out, err = capsys.readouterr()
     assert "skipping" not in err and "more than one run" not in err
     (row,) = [line for line in out.splitlines() if line.startswith("Direct")]
     assert "3 [0, 1, 2]" in row
+
+
+@pytest.mark.parametrize(
+    "runs, chains, skipped",
+    [
+        (  # an extension still running: the finished run stands alone
+            [("a", "FINISHED", None, 1), ("b", "RUNNING", "a", 2)], [["a"]], ["b"],
+        ),
+        (  # a finished run extended by a finished one: one sample
+            [("a", "FINISHED", None, 1), ("b", "FINISHED", "a", 2)], [["a", "b"]], [],
+        ),
+        (  # failed, killed, finished: one sample through all three
+            [("a", "FAILED", None, 1), ("b", "KILLED", "a", 2), ("c", "FINISHED", "b", 3)],
+            [["a", "b", "c"]], [],
+        ),
+        (  # resumed twice: the first run's points go to the later resume only
+            [("a", "KILLED", None, 1), ("b", "FINISHED", "a", 2), ("c", "FINISHED", "a", 3)],
+            [["a", "c"], ["b"]], [],
+        ),
+        (  # a failed run nobody resumed is skipped
+            [("a", "FAILED", None, 1), ("b", "FINISHED", None, 2)], [["b"]], ["a"],
+        ),
+    ],
+)  # fmt: skip
+def test_resume_chains(runs, chains, skipped):
+    assert resume_chains(runs) == (chains, skipped)
 
 
 def test_another_metric_is_compared_and_plotted_under_its_own_name(store, tmp_path, capsys):

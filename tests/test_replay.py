@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from mbvi.replay import ReplayBuffer
@@ -42,3 +43,15 @@ def test_sample_shapes_and_termination_flags():
     assert rew.shape == term.shape == (6,)
     torch.testing.assert_close(next_obs, obs + 1)
     torch.testing.assert_close(term, (rew % 7 == 0).float())
+
+
+def test_a_generator_state_from_a_cuda_buffer_reseeds_with_a_warning():
+    """Checkpoints written on a GPU before replay sampling moved to a CPU generator hold
+    a CUDA generator's 16-byte state: the buffer loads, and sampling goes on reseeded."""
+    buf = ReplayBuffer(5, 2, 1, seed=3)
+    _fill(buf, 4)
+    state = {**buf.state_dict(), "generator": torch.zeros(16, dtype=torch.uint8)}
+    loaded = ReplayBuffer(5, 2, 1, seed=3)
+    with pytest.warns(UserWarning, match="continues from a fresh seed"):
+        loaded.load_state_dict(state)
+    assert len(loaded) == 4 and loaded.sample(8)[0].shape == (8, 2)
