@@ -108,7 +108,7 @@ def _store_lock(uri: str):
         yield
         return
     try:
-        handle = open(uri[len(_SQLITE) :] + ".lock", "a")
+        handle = open(uri[len(_SQLITE) :].split("?")[0] + ".lock", "a")  # no ?query
     except OSError:  # no folder for the store: opening the store names the problem
         yield
         return
