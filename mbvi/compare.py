@@ -148,8 +148,8 @@ def resume_chains(
     Returns the chains (run ids, oldest first) and the ids of the runs in none."""
     info = {rid: (status, parent, start) for rid, status, parent, start in runs}
     resumed_by_finished = {p for st, p, _ in info.values() if st == "FINISHED" and p in info}
-    ends = [rid for rid, (st, _, _) in info.items() if st == "FINISHED"]
-    ends = [rid for rid in ends if rid not in resumed_by_finished]
+    ends = [rid for rid, (st, _, _) in info.items()
+            if st == "FINISHED" and rid not in resumed_by_finished]  # fmt: skip
     claimed: set[str] = set()
     chains = []
     for end in sorted(ends, key=lambda rid: info[rid][2], reverse=True):
@@ -309,21 +309,18 @@ def load_runs(client, experiment: str, metric: str) -> tuple[str, list[RunData]]
         [(rid, r.info.status, r.data.tags.get(RESUMED_FROM_TAG), r.info.start_time)
          for rid, r in by_id.items()]
     )  # fmt: skip
-    chains = {c[-1]: [by_id[rid] for rid in c] for c in ids}  # last run id -> its chain
-    finished = [by_id[last] for last in chains]
+    chains = [[by_id[rid] for rid in c] for c in ids]  # each ends with a finished run
     skipped = [f"{by_id[rid].info.run_name} ({by_id[rid].info.status})" for rid in skipped_ids]
-
-    def chain(run) -> list:
-        return chains[run.info.run_id]
 
     if skipped:
         print(f"mbvi compare: skipping unfinished runs: {', '.join(skipped)}", file=sys.stderr)
-    if not finished:
+    if not chains:
         raise ComparisonError(f"experiment {experiment!r} has no finished runs to compare.")
     problems = []
-    for r in finished:
+    for chain in chains:
+        r = chain[-1]
         missing = [p for p in (*GROUP_PARAMS, "seed") if p not in r.data.params]
-        missing += [m for m in [metric] if all(m not in c.data.metrics for c in chain(r))]
+        missing += [m for m in [metric] if all(m not in c.data.metrics for c in chain)]
         if missing:
             problems.append(f"{r.info.run_name} ({r.info.run_id}) lacks {', '.join(missing)}")
     if problems:
@@ -332,7 +329,7 @@ def load_runs(client, experiment: str, metric: str) -> tuple[str, list[RunData]]
             "runs, or pick another --metric or --experiment."
         )
     return exp.experiment_id, [
-        join_resumed([_run_data(client, c, metric) for c in chain(r)]) for r in finished
+        join_resumed([_run_data(client, c, metric) for c in chain]) for chain in chains
     ]
 
 
