@@ -20,8 +20,9 @@ not counted).  The critic being trained (value loss) runs through autograd: forw
 then weight gradients and input gradients (none for its first layer).  Wherever the
 critic is frozen (inference, targets, the engines' losses) it runs through
 ``FrozenReducedQ``: its first layer computes the state's share once per state and the
-action's once per action, and its backward pass has no weight gradients and sends each
-action through the one member that attains the min (so B·N rows, not E·B·N).  With
+action's once per action, and wherever actions need a gradient its forward pass also
+runs the backward w.r.t. the actions, with no weight gradients, sending each action
+through the one member that attains the min (so B·N rows, not E·B·N).  With
 q = twin Q (E = 2, 23→256→256→1), π = Direct's 17→256→256→12, f = Iterative's
 (17+4A)→256→256→4A network, B states, N samples, K iterations:
 
@@ -30,7 +31,7 @@ q = twin Q (E = 2, 23→256→256→1), π = Direct's 17→256→256→12, f = I
     direct      next:   π fwd(B) + fq(B, 1)
                 value:  q fwd(B) + q bwd(B; weights, no first-input)
                 engine: π fwd(B) + fq(B, 1) + bq(B, 1) + π bwd(B; weights, no first-input)
-    iterative   unroll = fq(B, 1) (differentiability check, once per objective)
+    iterative   unroll = fq(B, 1) + bq(B, 1)  (differentiability check, once per objective)
                          + K·(fq(B, N) + bq(B, N) + f fwd(B))
                 next:   unroll + fq(B, 1)                          (targets, at s')
                 value:  as direct
@@ -103,7 +104,7 @@ def update_flops(engine: str, batch: int, n_samples: int = 0, iterations: int = 
         eng = pi.fwd(b) + fq(b, 1) + bq(b, 1) + pi.bwd(b, weights=True, first_input=False)
         return nxt + value + eng
     f, k = _Mlp([OBS + 4 * ACT, *HIDDEN, 4 * ACT]), iterations
-    unroll = fq(b, 1) + k * (fq(b, n_samples) + bq(b, n_samples) + f.fwd(b))
+    unroll = fq(b, 1) + bq(b, 1) + k * (fq(b, n_samples) + bq(b, n_samples) + f.fwd(b))
     nxt = unroll + fq(b, 1)
     eng = unroll + fq(b, 1) + k * (fq(b, 1) + bq(b, 1))
     eng += f.bwd(b, weights=True, first_input=False) + (k - 1) * f.bwd(b, True, True)

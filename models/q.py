@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Literal
 
@@ -42,7 +43,39 @@ class QEnsemble(nn.Module):
             qs = self(s, a, frozen=True)
             return qs.min(0).values if reduce == "min" else qs.mean(0)
         params = [p.detach() for layer in self.net.layers for p in (layer.weight, layer.bias)]
-        return FrozenReducedQ.apply(a, s.detach(), reduce, *params)
+        need_grad = a.requires_grad and torch.is_grad_enabled()
+        return FrozenReducedQ.apply(a, s.detach(), reduce, need_grad, *params)
+
+
+class _Scratch(threading.local):
+    """Reusable CPU buffers for activations that never outlive one call.
+
+    A fresh multi-megabyte tensor costs a page fault per 4 KiB on first touch (glibc
+    hands large blocks back to the OS when they are freed), which on CPU made the
+    paper-setting gradient estimate slower than its matmuls.  Buffers are per thread
+    and grow to the largest request; on other devices the caching allocator already
+    reuses memory, so ``take`` allocates.
+    """
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        if like.device.type != "cpu":
+            return like.new_empty(shape)
+        numel = 1
+        for size in shape:
+            numel *= size
+        buf = self.buffers.get(name)
+        if buf is None or buf.dtype != like.dtype or buf.numel() < numel:
+            buf = self.buffers[name] = like.new_empty(numel)
+        return buf[:numel].view(shape)
+
+
+_scratch = _Scratch()
+
+# Actions per state from which the first layer runs one matmul per (member, state).
+_PER_STATE_FIRST_LAYER = 32
 
 
 def _ensemble_forward(
@@ -50,28 +83,30 @@ def _ensemble_forward(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(Q [E,B·N], post-ReLU hidden activations [E,B·N,H]) of the ensemble MLP.
 
-    The first layer is split into its state and action rows, so the state's share is
-    computed once per state rather than once per action (N times), and [s, a] is never
-    concatenated.  ReLUs run in place on fresh outputs.
+    The hidden activations are scratch buffers, valid until the next call.  The first
+    layer is split into its state and action rows, so the state's share is computed
+    once per state rather than once per action (N times), and [s, a] is never
+    concatenated.
     """
     b, n, act_dim = a.shape
     w, bias = params[0], params[1]
-    members, obs_dim = w.shape[0], s.shape[-1]
+    members, obs_dim, width = w.shape[0], s.shape[-1], w.shape[-1]
     h_s = torch.baddbmm(bias, s.unsqueeze(0).expand(members, b, obs_dim), w[:, :obs_dim])
+    h = _scratch.take("h0", (members, b * n, width), a)
     if n >= _PER_STATE_FIRST_LAYER:
         # One small matmul per (member, state) whose input is the state's share: the
         # broadcast add is fused into the matmul instead of a pass over [E,B·N,H].
         a_rep = a.unsqueeze(0).expand(members, b, n, act_dim).reshape(members * b, n, act_dim)
-        w_a = w[:, obs_dim:].unsqueeze(1).expand(members, b, act_dim, w.shape[-1])
-        w_a = w_a.reshape(members * b, act_dim, -1)
-        h = torch.baddbmm(h_s.view(members * b, 1, -1), a_rep, w_a)
-        h = h.relu_().view(members, b * n, -1)
+        w_a = w[:, obs_dim:].unsqueeze(1).expand(members, b, act_dim, width)
+        w_a = w_a.reshape(members * b, act_dim, width)
+        torch.baddbmm(h_s.view(members * b, 1, width), a_rep, w_a, out=h.view(members * b, n, -1))
     else:
-        h = torch.bmm(a.reshape(1, b * n, act_dim).expand(members, -1, -1), w[:, obs_dim:])
-        h.view(members, b, n, -1).add_(h_s.unsqueeze(2)).relu_()
-    hidden = [h]
-    for w, bias in zip(params[2:-2:2], params[3:-2:2]):
-        hidden.append(torch.baddbmm(bias, hidden[-1], w).relu_())
+        torch.bmm(a.reshape(1, b * n, act_dim).expand(members, -1, -1), w[:, obs_dim:], out=h)
+        h.view(members, b, n, -1).add_(h_s.unsqueeze(2))
+    hidden = [h.relu_()]
+    for layer, (w, bias) in enumerate(zip(params[2:-2:2], params[3:-2:2]), start=1):
+        h = _scratch.take(f"h{layer}", (members, b * n, w.shape[-1]), a)
+        hidden.append(torch.baddbmm(bias, hidden[-1], w, out=h).relu_())
     # The output layer is a matrix-vector product per member: addmm runs it 3-4x faster
     # on CPU than a batched matmul with one output column.
     x, w, bias = hidden[-1], params[-2], params[-1]
@@ -81,64 +116,84 @@ def _ensemble_forward(
     return q.squeeze(-1), hidden
 
 
-# Actions per state from which the first layer runs one matmul per (member, state).
-_PER_STATE_FIRST_LAYER = 32
+def _relu_backward_(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``grad`` where the ReLU output ``out`` is positive, else 0, written into ``out``:
+    ReLU's own backward kernel (one fused op; a mask plus ``masked_fill`` is ~10x slower
+    on CPU)."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, out, 0.0, grad_input=out)
 
 
-def _relu_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``grad`` where the ReLU output ``out`` is positive, else 0: ReLU's own backward
-    kernel (one fused op; a mask plus ``masked_fill`` is ~10x slower on CPU)."""
-    return torch.ops.aten.threshold_backward(grad, out, 0.0)
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor, name: str) -> torch.Tensor:
+    """``x[idx]`` for a 2-d ``x``, written into the scratch buffer ``name``."""
+    return torch.index_select(x, 0, idx, out=_scratch.take(name, (len(idx), x.shape[-1]), x))
+
+
+def _action_gradient(
+    hidden: list[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    obs_dim: int,
+    which: torch.Tensor | None,
+) -> torch.Tensor:
+    """∂Q̂/∂a per row [B·N, A], Q̂ = min (``which``: the minimising member of each row)
+    or mean (``which`` None) over members, from the forward's activations (consumed).
+
+    For ``min`` each row goes back through the one member that attains it (the others'
+    gradient is exactly zero): on CPU its rows are gathered, halving the backward
+    matmuls of twin Q; on CUDA they are masked, to avoid a host sync.
+    """
+    members, rows = weights[0].shape[0], hidden[0].shape[1]
+    act_dim = weights[0].shape[1] - obs_dim
+    grad = hidden[0].new_zeros(rows, act_dim)
+    for e in range(members):
+        w_out = weights[-1][e].squeeze(-1)  # [H_L]
+        if which is None:
+            idx, acts = None, [h[e] for h in hidden]
+            d = (w_out / members).expand(rows, -1)
+        elif grad.is_cuda:
+            idx, acts = None, [h[e] for h in hidden]
+            d = (which == e).unsqueeze(1) * w_out
+        else:
+            idx = (which == e).nonzero().squeeze(1)
+            acts = [_gather_rows(h[e], idx, f"g{i}") for i, h in enumerate(hidden)]
+            d = w_out.expand(len(idx), -1)
+        for layer in range(len(acts) - 1, -1, -1):
+            d = _relu_backward_(d, acts[layer])
+            w = weights[layer][e] if layer else weights[0][e, obs_dim:]
+            out = _scratch.take(f"d{layer}", (len(d), w.shape[0]), d) if layer else None
+            d = torch.mm(d, w.t(), out=out)
+        if idx is None:
+            grad += d
+        else:
+            grad.index_copy_(0, idx, d)
+    return grad
 
 
 class FrozenReducedQ(torch.autograd.Function):
     """Q̂(s, a) = reduce_e Q_ψe(s, a) with ψ constant, differentiable in ``a`` only.
 
-    ``apply(a [B,N,A], s [B,S], reduce, w_1, b_1, ..., w_L, b_L)`` -> [B,N], with the
-    ``EnsembleLinear`` weights ``w_l`` [E,in,out] and biases ``b_l`` [E,1,out].
+    ``apply(a [B,N,A], s [B,S], reduce, need_grad, w_1, b_1, ..., w_L, b_L)`` -> [B,N],
+    with the ``EnsembleLinear`` weights ``w_l`` [E,in,out] and biases ``b_l`` [E,1,out].
 
     Why hand-written: inference differentiates Q̂ w.r.t. many actions per state
-    (Iterative's N = 200) and never w.r.t. ψ.  The backward pass here (i) computes no
-    weight gradients, (ii) for ``min`` propagates each action only through the member
-    that attains the minimum (the others' gradient is exactly zero), halving the
-    backward matmuls of twin Q on CPU, (iii) keeps no autograd graph per layer.
-    On CUDA the rows are masked instead of gathered, to avoid a host sync.
+    (Iterative's N = 200) and never w.r.t. ψ.  Each Q̂(s, a_i) depends on its own action
+    only, so the forward pass (when ``need_grad``) also computes the per-row gradient
+    ∂Q̂_i/∂a_i [B,N,A] while the activations are still in cache, and the backward pass
+    scales it by the incoming gradient.  No weight gradients, no autograd graph per
+    layer, and the activations live in reused scratch buffers (see ``_Scratch``).
     """
 
     @staticmethod
-    def forward(ctx, a, s, reduce, *params):
+    def forward(ctx, a, s, reduce, need_grad, *params):
         q, hidden = _ensemble_forward(s, a, params)
-        if reduce == "min":
-            q, which = q.min(0)
-        else:
-            q, which = q.mean(0), None
-        ctx.reduce, ctx.which, ctx.hidden = reduce, which, hidden
-        ctx.weights = params[0::2]
-        ctx.act_shape = a.shape
+        q, which = q.min(0) if reduce == "min" else (q.mean(0), None)
+        if need_grad:
+            grad = _action_gradient(hidden, params[0::2], s.shape[-1], which)
+            ctx.save_for_backward(grad.view(a.shape))
         return q.view(a.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_q):
-        weights, hidden, (b, n, act_dim) = ctx.weights, ctx.hidden, ctx.act_shape
-        members, obs_dim = weights[0].shape[0], weights[0].shape[1] - act_dim
-        g = grad_q.reshape(b * n)
-        grad_a = g.new_zeros(b * n, act_dim)
-        for e in range(members):
-            if ctx.reduce == "mean":
-                rows, d = None, g / members
-            elif g.is_cuda:
-                rows, d = None, g * (ctx.which == e)
-            else:
-                rows = (ctx.which == e).nonzero().squeeze(1)
-                d = g.index_select(0, rows)
-            d = d.unsqueeze(1) * weights[-1][e].squeeze(-1)  # [R_e, H_L]
-            for layer in range(len(hidden) - 1, -1, -1):
-                h = hidden[layer][e] if rows is None else hidden[layer][e].index_select(0, rows)
-                d = _relu_backward(d, h)
-                w = weights[layer][e] if layer else weights[0][e, obs_dim:]
-                d = d @ w.t()
-            if rows is None:
-                grad_a += d
-            else:
-                grad_a.index_copy_(0, rows, d)
-        return grad_a.view(b, n, act_dim), None, None, *[None] * (2 * len(weights))
+        if not ctx.saved_tensors:
+            raise RuntimeError("FrozenReducedQ: backward needs a forward run with need_grad=True")
+        (grad,) = ctx.saved_tensors
+        return grad_q.unsqueeze(-1) * grad, *[None] * (len(ctx.needs_input_grad) - 1)

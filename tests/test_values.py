@@ -39,7 +39,7 @@ def test_frozen_reduced_gradcheck(reduce):
     a = (torch.rand(2, 33, 2, dtype=torch.float64) * 2 - 1).requires_grad_(True)
     params = [p.detach() for layer in q.net.layers for p in (layer.weight, layer.bias)]
     assert torch.autograd.gradcheck(
-        lambda a_: FrozenReducedQ.apply(a_, s, reduce, *params), (a,), eps=1e-6, atol=1e-6
+        lambda a_: FrozenReducedQ.apply(a_, s, reduce, True, *params), (a,), eps=1e-6, atol=1e-6
     )
 
 
@@ -69,3 +69,34 @@ def test_target_critic_is_differentiable_in_actions_only():
     (g,) = torch.autograd.grad(value.target(s, a).sum(), a)
     (g_ref,) = torch.autograd.grad(ref.sum(), a)
     torch.testing.assert_close(g, g_ref)
+
+
+def test_frozen_reduced_outputs_survive_later_calls():
+    """Activations live in reused scratch buffers: a second call before the first
+    output's backward must not change the first output or its gradient."""
+    torch.manual_seed(4)
+    q = QEnsemble(4, 3, (16, 16), 2)
+    s = torch.randn(6, 4)
+    a1 = (torch.rand(6, 40, 3) * 2 - 1).requires_grad_(True)
+    a2 = (torch.rand(6, 40, 3) * 2 - 1).requires_grad_(True)
+    ref1 = _reference(q, s, a1, "min")
+    (g_ref,) = torch.autograd.grad(ref1.sum(), a1)
+    fast1 = q.frozen_reduced(s, a1, "min")
+    fast2 = q.frozen_reduced(s, a2, "min")  # overwrites the scratch activations
+    torch.testing.assert_close(fast1, ref1.detach())
+    (g1,) = torch.autograd.grad(fast1.sum(), a1)
+    torch.testing.assert_close(g1, g_ref)
+    torch.testing.assert_close(fast2, _reference(q, s, a2, "min").detach())
+
+
+def test_frozen_reduced_skips_the_gradient_when_none_is_needed():
+    torch.manual_seed(5)
+    q = QEnsemble(4, 3, (8, 8), 2)
+    s, a = torch.randn(3, 4), (torch.rand(3, 5, 3) * 2 - 1).requires_grad_(True)
+    with torch.no_grad():
+        out = q.frozen_reduced(s, a, "min")
+    assert not out.requires_grad
+    params = [p.detach() for layer in q.net.layers for p in (layer.weight, layer.bias)]
+    out = FrozenReducedQ.apply(a, s, "min", False, *params)
+    with pytest.raises(RuntimeError, match="need_grad=True"):
+        out.sum().backward()
