@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from typing import Literal
@@ -53,21 +54,21 @@ class _Scratch(threading.local):
     A fresh multi-megabyte tensor costs a page fault per 4 KiB on first touch (glibc
     hands large blocks back to the OS when they are freed), which on CPU made the
     paper-setting gradient estimate slower than its matmuls.  Buffers are per thread
-    and grow to the largest request; on other devices the caching allocator already
-    reuses memory, so ``take`` allocates.
+    and grow to the largest request.  Small requests, and those on other devices
+    (whose caching allocator already reuses memory), are plain allocations.
     """
+
+    MIN_NUMEL = 1 << 16  # 256 KiB of float32: below this a fresh tensor is cheaper
 
     def __init__(self):
         self.buffers: dict[str, torch.Tensor] = {}
 
     def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        if like.device.type != "cpu":
+        numel = math.prod(shape)
+        if numel < self.MIN_NUMEL or like.is_cuda or like.device.type != "cpu":
             return like.new_empty(shape)
-        numel = 1
-        for size in shape:
-            numel *= size
         buf = self.buffers.get(name)
-        if buf is None or buf.dtype != like.dtype or buf.numel() < numel:
+        if buf is None or buf.dtype != like.dtype or len(buf) < numel:
             buf = self.buffers[name] = like.new_empty(numel)
         return buf[:numel].view(shape)
 
@@ -105,8 +106,9 @@ def _ensemble_forward(
         h.view(members, b, n, -1).add_(h_s.unsqueeze(2))
     hidden = [h.relu_()]
     for layer, (w, bias) in enumerate(zip(params[2:-2:2], params[3:-2:2]), start=1):
+        # bmm then add_: ~10% faster on CPU than baddbmm (which first copies the bias).
         h = _scratch.take(f"h{layer}", (members, b * n, w.shape[-1]), a)
-        hidden.append(torch.baddbmm(bias, hidden[-1], w, out=h).relu_())
+        hidden.append(torch.bmm(hidden[-1], w, out=h).add_(bias).relu_())
     # The output layer is a matrix-vector product per member: addmm runs it 3-4x faster
     # on CPU than a batched matmul with one output column.
     x, w, bias = hidden[-1], params[-2], params[-1]
@@ -123,11 +125,6 @@ def _relu_backward_(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.threshold_backward.grad_input(grad, out, 0.0, grad_input=out)
 
 
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor, name: str) -> torch.Tensor:
-    """``x[idx]`` for a 2-d ``x``, written into the scratch buffer ``name``."""
-    return torch.index_select(x, 0, idx, out=_scratch.take(name, (len(idx), x.shape[-1]), x))
-
-
 def _action_gradient(
     hidden: list[torch.Tensor],
     weights: Sequence[torch.Tensor],
@@ -142,29 +139,34 @@ def _action_gradient(
     matmuls of twin Q; on CUDA they are masked, to avoid a host sync.
     """
     members, rows = weights[0].shape[0], hidden[0].shape[1]
-    act_dim = weights[0].shape[1] - obs_dim
-    grad = hidden[0].new_zeros(rows, act_dim)
+    grad = hidden[0].new_zeros(rows, weights[0].shape[1] - obs_dim)
+    gather = which is not None and not grad.is_cuda
     for e in range(members):
-        w_out = weights[-1][e].squeeze(-1)  # [H_L]
-        if which is None:
-            idx, acts = None, [h[e] for h in hidden]
-            d = (w_out / members).expand(rows, -1)
-        elif grad.is_cuda:
-            idx, acts = None, [h[e] for h in hidden]
-            d = (which == e).unsqueeze(1) * w_out
-        else:
+        w_out = weights[-1][e, :, 0]  # [H_L]
+        if gather:
             idx = (which == e).nonzero().squeeze(1)
-            acts = [_gather_rows(h[e], idx, f"g{i}") for i, h in enumerate(hidden)]
-            d = w_out.expand(len(idx), -1)
-        for layer in range(len(acts) - 1, -1, -1):
-            d = _relu_backward_(d, acts[layer])
-            w = weights[layer][e] if layer else weights[0][e, obs_dim:]
-            out = _scratch.take(f"d{layer}", (len(d), w.shape[0]), d) if layer else None
-            d = torch.mm(d, w.t(), out=out)
-        if idx is None:
-            grad += d
+            r = idx.shape[0]
+            acts = [
+                torch.index_select(h[e], 0, idx, out=_scratch.take(f"g{i}", (r, h.shape[2]), h))
+                for i, h in enumerate(hidden)
+            ]
+            d = w_out.expand(r, -1)
         else:
+            r, acts = rows, [h[e] for h in hidden]
+            d = (
+                (w_out / members).expand(rows, -1)
+                if which is None
+                else (which == e)[:, None] * w_out
+            )
+        for layer in range(len(acts) - 1, 0, -1):
+            d = _relu_backward_(d, acts[layer])
+            w = weights[layer][e]
+            d = torch.mm(d, w.t(), out=_scratch.take(f"d{layer}", (r, w.shape[0]), d))
+        d = _relu_backward_(d, acts[0]) @ weights[0][e, obs_dim:].t()
+        if gather:
             grad.index_copy_(0, idx, d)
+        else:
+            grad += d
     return grad
 
 
