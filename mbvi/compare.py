@@ -25,44 +25,23 @@ against iterative SAC trained for 50k).  Wall-clock and steps/s stay whole-run f
 Figures, table (``compare.txt``) and ``summary.json`` are logged as artifacts of a new
 run named ``compare`` in the same experiment, tagged ``mbvi.compare`` (later compares
 skip it): the comparison belongs to the set of runs, so the compared runs stay untouched.
-Aggregation is pure functions of plain data (``RunData``), testable without MLflow.
+Runs are read and resumed runs joined by ``mbvi.runs``; the aggregation here is pure
+functions of plain data (``RunData``), testable without MLflow.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from mbvi.errors import ComparisonError, MbviError, TrackingError
-
-Curve = dict[int, float]
-"""A metric's history: env step -> value."""
-GROUP_PARAMS = ("engine", "prior", "value", "env_id")
-COMPARE_TAG = "mbvi.compare"
-SPEED = "perf/env_steps_per_s"
-J_ITER = "engine/j_iter_"
-
-
-@dataclass
-class RunData:
-    """What ``mbvi compare`` reads from one run."""
-
-    run_id: str
-    name: str
-    group: tuple[str, ...]  # values of GROUP_PARAMS
-    seed: str
-    curve: Curve  # the compared metric
-    duration_s: float
-    env_steps: int = 0  # the last env step the run logged anything at
-    j_iter: dict[int, Curve] = field(default_factory=dict)  # k -> J̃_k history
-    params: dict[str, str] = field(default_factory=dict)  # every logged parameter
+from mbvi.errors import ComparisonError, MbviError
+from mbvi.runs import COMPARE_TAG, Curve, RunData, load_runs, open_store
 
 
 @dataclass
@@ -116,53 +95,6 @@ def truncate(runs: Sequence[RunData], at_step: int) -> list[RunData]:
     ]
 
 
-def join_resumed(chain: Sequence[RunData]) -> RunData:
-    """One sample of a seed trained in several runs, each resumed from a checkpoint of
-    the one before (``chain``, oldest first): a later run's points replace the earlier
-    runs' from its first logged step on, and the wall-clock times add up."""
-
-    def join(curves: Sequence[Curve]) -> Curve:
-        joined: Curve = {}
-        for curve in curves:
-            start = min(curve, default=None)
-            joined = {k: v for k, v in joined.items() if start is None or k < start} | curve
-        return joined
-
-    last = chain[-1]
-    ks = sorted(set().union(*(r.j_iter for r in chain)))
-    return replace(
-        last,
-        curve=join([r.curve for r in chain]),
-        duration_s=sum(r.duration_s for r in chain),
-        j_iter={k: join([r.j_iter.get(k, {}) for r in chain]) for k in ks},
-    )
-
-
-def resume_chains(
-    runs: Sequence[tuple[str, str, str | None, int]],
-) -> tuple[list[list[str]], list[str]]:
-    """Which runs make one sample of a seed: ``runs`` are (run id, status, id of the run
-    it resumed from or None, start time).  Every FINISHED run that no FINISHED run
-    resumed ends a chain that walks back through the runs it resumed, whatever their
-    status; a run resumed more than once belongs to the latest-started chain only.
-    Returns the chains (run ids, oldest first) and the ids of the runs in none."""
-    info = {rid: (status, parent, start) for rid, status, parent, start in runs}
-    resumed_by_finished = {p for st, p, _ in info.values() if st == "FINISHED" and p in info}
-    ends = [rid for rid, (st, _, _) in info.items()
-            if st == "FINISHED" and rid not in resumed_by_finished]  # fmt: skip
-    claimed: set[str] = set()
-    chains = []
-    for end in sorted(ends, key=lambda rid: info[rid][2], reverse=True):
-        chain, parent = [end], info[end][1]
-        claimed.add(end)
-        while parent in info and parent not in claimed:
-            chain.insert(0, parent)
-            claimed.add(parent)
-            parent = info[parent][1]
-        chains.append(chain)
-    return chains, [rid for rid in info if rid not in claimed]
-
-
 def group_runs(runs: Sequence[RunData]) -> dict[tuple[str, ...], list[RunData]]:
     groups: dict[tuple[str, ...], list[RunData]] = {}
     for run in sorted(runs, key=lambda r: (r.group, r.seed, r.run_id)):
@@ -202,13 +134,6 @@ def improvement(j_iter: dict[int, Curve]) -> tuple[np.ndarray, np.ndarray]:
         absolute.append(diff.mean() if steps else np.nan)
         relative.append((diff[ok] / scale[ok]).mean() if ok.any() else np.nan)
     return np.array(absolute), np.array(relative)
-
-
-def iteration_keys(metric_names) -> list[int]:
-    """The k of every ``engine/j_iter_k`` metric; none unless J̃_0 is among them."""
-    ks = sorted(int(m[len(J_ITER) :]) for m in metric_names
-                if m.startswith(J_ITER) and m[len(J_ITER) :].isdigit())  # fmt: skip
-    return ks if 0 in ks else []
 
 
 def duplicate_seeds(summary: GroupSummary) -> list[str]:
@@ -262,96 +187,6 @@ def format_table(rows: Sequence[GroupSummary], metric: str) -> str:
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *body]]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
-
-
-# ---- MLflow -----------------------------------------------------------------------------
-def open_store(uri: str):
-    """An ``MlflowClient`` on ``uri``; never creates an SQLite store that is not there."""
-    from mlflow import MlflowClient
-
-    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///") :]):
-        raise TrackingError(
-            f"no MLflow store at {uri!r}: run `mbvi fit` in this folder first, or point "
-            "--tracking_uri (or MLFLOW_TRACKING_URI) at the store that holds the runs."
-        )
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    return MlflowClient(uri)
-
-
-def _points(client, run_id: str, key: str) -> list:
-    return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
-
-
-def _history(client, run_id: str, key: str) -> Curve:
-    # A step logged twice keeps its last value.
-    return {m.step: m.value for m in _points(client, run_id, key)}
-
-
-def load_runs(client, experiment: str, metric: str) -> tuple[str, list[RunData]]:
-    """(experiment id, the experiment's finished runs); ``ComparisonError`` when the
-    experiment is missing or a run lacks a parameter or ``metric``."""
-    try:
-        exp = client.get_experiment_by_name(experiment)
-        names = sorted(e.name for e in client.search_experiments())
-    except Exception as err:  # any failure to open the store is the user's to fix
-        raise TrackingError(f"cannot read the MLflow store: {type(err).__name__}: {err}") from None
-    if exp is None:
-        raise ComparisonError(
-            f"experiment {experiment!r} not found; existing experiments: "
-            f"{', '.join(map(repr, names)) or 'none'}. Pass one with --experiment."
-        )
-    from mbvi.tracking import RESUMED_FROM_TAG
-
-    found = client.search_runs([exp.experiment_id], max_results=50_000)
-    by_id = {r.info.run_id: r for r in found if COMPARE_TAG not in r.data.tags}
-    ids, skipped_ids = resume_chains(
-        [(rid, r.info.status, r.data.tags.get(RESUMED_FROM_TAG), r.info.start_time)
-         for rid, r in by_id.items()]
-    )  # fmt: skip
-    chains = [[by_id[rid] for rid in c] for c in ids]  # each ends with a finished run
-    skipped = [f"{by_id[rid].info.run_name} ({by_id[rid].info.status})" for rid in skipped_ids]
-
-    if skipped:
-        print(f"mbvi compare: skipping unfinished runs: {', '.join(skipped)}", file=sys.stderr)
-    if not chains:
-        raise ComparisonError(f"experiment {experiment!r} has no finished runs to compare.")
-    problems = []
-    for chain in chains:
-        r = chain[-1]
-        missing = [p for p in (*GROUP_PARAMS, "seed") if p not in r.data.params]
-        missing += [m for m in [metric] if all(m not in c.data.metrics for c in chain)]
-        if missing:
-            problems.append(f"{r.info.run_name} ({r.info.run_id}) lacks {', '.join(missing)}")
-    if problems:
-        raise ComparisonError(
-            f"cannot compare experiment {experiment!r}: {'; '.join(problems)}. Delete these "
-            "runs, or pick another --metric or --experiment."
-        )
-    return exp.experiment_id, [
-        join_resumed([_run_data(client, c, metric) for c in chain]) for chain in chains
-    ]
-
-
-def _run_data(client, run, metric: str) -> RunData:
-    rid = run.info.run_id
-    ks = iteration_keys(run.data.metrics)
-    points = _points(client, rid, metric) + _points(client, rid, SPEED)
-    curve = {m.step: m.value for m in points if m.key == metric}
-    # A run killed hard (SIGKILL, out of memory) never got an end time: it ran until
-    # its last logged point.
-    end = run.info.end_time or max((m.timestamp for m in points), default=run.info.start_time)
-    return RunData(
-        run_id=rid,
-        name=run.info.run_name,
-        group=tuple(run.data.params[p] for p in GROUP_PARAMS),
-        seed=run.data.params["seed"],
-        curve=curve,
-        duration_s=(end - run.info.start_time) / 1e3,
-        env_steps=max((m.step for m in points), default=0),
-        j_iter={k: _history(client, rid, f"{J_ITER}{k}") for k in ks},
-        params=dict(run.data.params),
-    )
 
 
 def log_comparison(client, experiment_id, metric, files, table, rows, at_step=None) -> str:

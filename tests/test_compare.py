@@ -16,25 +16,27 @@ from mbvi import VariationalAgent, compare
 from mbvi.checkpoints import validate_checkpoint
 from mbvi.cli import main as cli_main
 from mbvi.compare import (
-    COMPARE_TAG,
     GroupSummary,
-    RunData,
     align,
     duplicate_seeds,
     final_value,
     format_table,
     improvement,
-    iteration_keys,
-    join_resumed,
-    load_runs,
     mean_std,
     mixed_settings,
-    resume_chains,
     summarize,
     truncate,
 )
 from mbvi.errors import CheckpointError, ComparisonError
 from mbvi.figures import improvement_by_group, plot_improvement
+from mbvi.runs import (
+    COMPARE_TAG,
+    RunData,
+    iteration_keys,
+    join_resumed,
+    load_runs,
+    resume_chains,
+)
 from tests.conftest import CONFIGS, MBVI, ROOT, cli_env
 
 TINY = str(CONFIGS / "pendulum" / "tiny.yaml")
