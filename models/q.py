@@ -130,17 +130,18 @@ def _action_gradient(
     weights: Sequence[torch.Tensor],
     obs_dim: int,
     which: torch.Tensor | None,
+    gather: bool,
 ) -> torch.Tensor:
     """∂Q̂/∂a per row [B·N, A], Q̂ = min (``which``: the minimising member of each row)
     or mean (``which`` None) over members, from the forward's activations (consumed).
 
     For ``min`` each row goes back through the one member that attains it (the others'
-    gradient is exactly zero): on CPU its rows are gathered, halving the backward
-    matmuls of twin Q; on CUDA they are masked, to avoid a host sync.
+    gradient is exactly zero): with ``gather`` (CPU) its rows are gathered, halving the
+    backward matmuls of twin Q; without (CUDA) they are masked, to avoid a host sync.
     """
     members, rows = weights[0].shape[0], hidden[0].shape[1]
     grad = hidden[0].new_zeros(rows, weights[0].shape[1] - obs_dim)
-    gather = which is not None and not grad.is_cuda
+    gather = gather and which is not None
     for e in range(members):
         w_out = weights[-1][e, :, 0]  # [H_L]
         if gather:
@@ -189,7 +190,7 @@ class FrozenReducedQ(torch.autograd.Function):
         q, hidden = _ensemble_forward(s, a, params)
         q, which = q.min(0) if reduce == "min" else (q.mean(0), None)
         if need_grad:
-            grad = _action_gradient(hidden, params[0::2], s.shape[-1], which)
+            grad = _action_gradient(hidden, params[0::2], s.shape[-1], which, not a.is_cuda)
             ctx.save_for_backward(grad.view(a.shape))
         return q.view(a.shape[:-1])
 
