@@ -65,7 +65,7 @@ class _Scratch(threading.local):
 
     def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         numel = math.prod(shape)
-        if numel < self.MIN_NUMEL or like.is_cuda or like.device.type != "cpu":
+        if numel < self.MIN_NUMEL or like.device.type != "cpu":
             return like.new_empty(shape)
         buf = self.buffers.get(name)
         if buf is None or buf.dtype != like.dtype or len(buf) < numel:
