@@ -27,7 +27,7 @@ q = twin Q (E = 2, 23→256→256→1), π = Direct's 17→256→256→12, f = I
 (17+4A)→256→256→4A network, B states, N samples, K iterations:
 
     fq(B, N)  = frozen forward: E·(B·S·H + B·N·(A·H + H·H + H))·2
-    bq(B, N)  = frozen backward: B·N·(H·H + H·A)·2
+    bq(B, N)  = its gradient w.r.t. the actions (run in the forward pass): B·N·(H·H + H·A)·2
     direct      next:   π fwd(B) + fq(B, 1)
                 value:  q fwd(B) + q bwd(B; weights, no first-input)
                 engine: π fwd(B) + fq(B, 1) + bq(B, 1) + π bwd(B; weights, no first-input)

@@ -51,11 +51,13 @@ class QEnsemble(nn.Module):
 class _Scratch(threading.local):
     """Reusable CPU buffers for activations that never outlive one call.
 
-    A fresh multi-megabyte tensor costs a page fault per 4 KiB on first touch (glibc
-    hands large blocks back to the OS when they are freed), which on CPU made the
-    paper-setting gradient estimate slower than its matmuls.  Buffers are per thread
-    and grow to the largest request.  Small requests, and those on other devices
-    (whose caching allocator already reuses memory), are plain allocations.
+    Writing each layer into the same warm memory, rather than a fresh multi-megabyte
+    tensor per call, keeps the paper-setting gradient estimate closer to its matmul
+    time.  Buffers are per thread and keep the size of their largest request (4 MiB
+    per layer for the chunked gradient estimate; a whole unchunked batch of 128 × 200
+    actions would keep 52 MiB).  Small requests, requests on other devices (whose
+    caching allocator already reuses memory) and requests under ``torch.inference_mode``
+    (whose tensors could not be written outside it later) are plain allocations.
     """
 
     MIN_NUMEL = 1 << 16  # 256 KiB of float32: below this a fresh tensor is cheaper
@@ -65,7 +67,7 @@ class _Scratch(threading.local):
 
     def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         numel = math.prod(shape)
-        if numel < self.MIN_NUMEL or like.device.type != "cpu":
+        if numel < self.MIN_NUMEL or like.device.type != "cpu" or torch.is_inference_mode_enabled():
             return like.new_empty(shape)
         buf = self.buffers.get(name)
         if buf is None or buf.dtype != like.dtype or len(buf) < numel:

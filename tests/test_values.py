@@ -3,8 +3,24 @@
 import pytest
 import torch
 
-from mbvi.models.q import FrozenReducedQ, QEnsemble, _action_gradient, _ensemble_forward
+import mbvi.models.q as q_module
+from mbvi.models.q import (
+    FrozenReducedQ,
+    QEnsemble,
+    _action_gradient,
+    _ensemble_forward,
+    _Scratch,
+)
 from mbvi.values import TwinQ
+
+
+@pytest.fixture(params=[False, True], ids=["fresh", "scratch"])
+def scratch(request, monkeypatch):
+    """Run a test with plain allocations and again with every activation in the reused
+    scratch buffers (the test shapes are below their size threshold)."""
+    if request.param:
+        monkeypatch.setattr(_Scratch, "MIN_NUMEL", 0)
+    return request.param
 
 
 def _reference(q: QEnsemble, s, a, reduce):
@@ -15,7 +31,7 @@ def _reference(q: QEnsemble, s, a, reduce):
 @pytest.mark.parametrize("reduce", ["min", "mean"])
 @pytest.mark.parametrize("members,hidden", [(2, (8, 8)), (3, (5,)), (2, (6, 7, 5))])
 @pytest.mark.parametrize("n", [1, 7, 40])  # both first-layer paths (per state from 32)
-def test_frozen_reduced_matches_autograd(reduce, members, hidden, n):
+def test_frozen_reduced_matches_autograd(reduce, members, hidden, n, scratch):
     torch.manual_seed(0)
     q = QEnsemble(4, 3, hidden, members).double()
     s = torch.randn(5, 4, dtype=torch.float64)
@@ -71,7 +87,7 @@ def test_target_critic_is_differentiable_in_actions_only():
     torch.testing.assert_close(g, g_ref)
 
 
-def test_frozen_reduced_outputs_survive_later_calls():
+def test_frozen_reduced_outputs_survive_later_calls(scratch):
     """Activations live in reused scratch buffers: a second call before the first
     output's backward must not change the first output or its gradient."""
     torch.manual_seed(4)
@@ -103,7 +119,7 @@ def test_frozen_reduced_skips_the_gradient_when_none_is_needed():
 
 
 @pytest.mark.parametrize("reduce", ["min", "mean"])
-def test_masked_and_gathered_action_gradients_agree(reduce):
+def test_masked_and_gathered_action_gradients_agree(reduce, scratch):
     """CUDA masks the rows of the non-minimising member where CPU gathers them: the
     masked path, run here on CPU, must give the same gradient."""
     torch.manual_seed(6)
@@ -119,3 +135,18 @@ def test_masked_and_gathered_action_gradients_agree(reduce):
     a_ref = a.clone().requires_grad_(True)
     (g_ref,) = torch.autograd.grad(_reference(q, s, a_ref, reduce).sum(), a_ref)
     torch.testing.assert_close(grads[1].view(5, 40, 3), g_ref)
+
+
+def test_scratch_buffers_made_under_inference_mode_do_not_break_later_calls(monkeypatch):
+    monkeypatch.setattr(_Scratch, "MIN_NUMEL", 0)
+    monkeypatch.setattr(q_module, "_scratch", _Scratch())  # no buffers yet
+    torch.manual_seed(7)
+    q = QEnsemble(4, 3, (8, 8), 2)
+    s, a = torch.randn(3, 4), torch.rand(3, 40, 3) * 2 - 1
+    with torch.inference_mode():
+        q.frozen_reduced(s, a, "min")
+    a = a.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(q.frozen_reduced(s, a, "min").sum(), a)
+    a_ref = a.detach().clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(_reference(q, s, a_ref, "min").sum(), a_ref)
+    torch.testing.assert_close(g, g_ref)
