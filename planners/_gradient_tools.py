@@ -81,14 +81,6 @@ def initial_params(
     )
 
 
-# Rows (states × samples) per chunk of the gradient estimate.  The estimate is
-# independent across states, so it runs over slices of the batch: the activations of a
-# chunk (2 critics × 2048 rows × 256 floats = 4 MiB per layer) stay in cache and below
-# glibc's mmap threshold, whereas one pass over the paper's 128 × 200 actions allocates
-# 52 MiB tensors whose fresh pages cost more than the matmuls (measured: 2.2x faster).
-CHUNK_ROWS = 2048
-
-
 def objective_gradient(
     objective: Objective,
     loc: torch.Tensor,
@@ -102,26 +94,17 @@ def objective_gradient(
     gradient is an *input* to inference (Eq. 15), never a path for training.  Only
     λ is differentiated (``torch.autograd.grad``), so no ``.grad`` of the value
     estimate is ever touched; works under a caller's ``torch.no_grad``.
-    ``antithetic`` draws the samples in ± pairs (``TanhGaussian.standard_normal``).  States are
-    processed ``CHUNK_ROWS // n_samples`` at a time on CPU (same result, less memory
-    traffic); on other devices in one pass.
+    ``antithetic`` draws the samples in ± pairs (``TanhGaussian.standard_normal``).
+    One pass over all B·N actions, on every device; a value estimate that wants to
+    keep its activations in cache chunks the states itself (``FrozenReducedQ`` does).
     """
-    on_cpu = loc.device.type == "cpu"  # a GPU wants the whole batch at once
-    step = max(1, CHUNK_ROWS // n_samples) if on_cpu else loc.shape[0]
-    parts = []
     with torch.enable_grad():
         _check_value_differentiable(objective, loc)
-        for start in range(0, loc.shape[0], step):
-            rows = slice(start, start + step)
-            part = objective if step >= loc.shape[0] else objective.subset(rows)
-            m = loc[rows].detach().requires_grad_(True)
-            log_s = log_scale[rows].detach().requires_grad_(True)
-            j, _ = part(TanhGaussian(m, log_s), n_samples, antithetic)
-            parts.append((j.detach(), *torch.autograd.grad(j.sum(), [m, log_s])))
-    if len(parts) == 1:
-        return parts[0]
-    j, g_loc, g_log_scale = (torch.cat(p) for p in zip(*parts))
-    return j, g_loc, g_log_scale
+        m = loc.detach().requires_grad_(True)
+        log_s = log_scale.detach().requires_grad_(True)
+        j, _ = objective(TanhGaussian(m, log_s), n_samples, antithetic)
+        g_loc, g_log_scale = torch.autograd.grad(j.sum(), [m, log_s])
+    return j.detach(), g_loc, g_log_scale
 
 
 def _check_value_differentiable(objective: Objective, loc: torch.Tensor) -> None:

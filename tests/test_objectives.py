@@ -1,7 +1,6 @@
 """Eq. 16, the soft TD target and the temperature loss."""
 
 import math
-from functools import partial
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ import torch
 from mbvi.distributions import TanhGaussian
 from mbvi.objectives import Objective, alpha_loss, soft_objective, soft_td_target
 from mbvi.priors import ConstantTanhGaussianPrior, UniformPrior
-from mbvi.values import TwinQ
 
 
 def _posterior(b=3, a=2):
@@ -100,28 +98,3 @@ def test_objective_gradient_matches_finite_differences():
         d[0, i] = eps
         fd = (j(loc.detach() + d) - j(loc.detach() - d)) / (2 * eps)
         assert grad[0, i].item() == pytest.approx(fd.item(), rel=1e-5, abs=1e-8)
-
-
-@pytest.mark.parametrize("prior_cls", [ConstantTanhGaussianPrior, UniformPrior])
-def test_objective_gradient_in_chunks_equals_one_pass(monkeypatch, prior_cls):
-    """Chunking the states (to keep activations in cache) changes nothing but speed:
-    the same draws give the same J̃ and ∇λJ̃ as one pass over the whole batch."""
-    from mbvi.planners import _gradient_tools
-
-    torch.manual_seed(0)
-    prior, value = prior_cls(), TwinQ(hidden=(16, 16))
-    prior.build(3, 2)
-    value.build(3, 2)
-    s = torch.randn(10, 3)
-    loc, log_scale = torch.randn(10, 2), torch.full((10, 2), -0.5)
-    obj = Objective(s, partial(value, frozen=True), prior, 0.2)
-    results = {}
-    # One pass; then 3 states of 8 samples per chunk (48 normal draws: torch's CPU
-    # sampler makes the same draws in blocks of 16 as in one call).
-    for chunk_rows in (10_000, 24):
-        monkeypatch.setattr(_gradient_tools, "CHUNK_ROWS", chunk_rows)
-        torch.manual_seed(1)
-        results[chunk_rows] = _gradient_tools.objective_gradient(obj, loc, log_scale, 8)
-    for whole, chunked in zip(results[10_000], results[24]):
-        assert chunked.shape == whole.shape
-        torch.testing.assert_close(chunked, whole)

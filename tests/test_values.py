@@ -150,3 +150,23 @@ def test_scratch_buffers_made_under_inference_mode_do_not_break_later_calls(monk
     a_ref = a.detach().clone().requires_grad_(True)
     (g_ref,) = torch.autograd.grad(_reference(q, s, a_ref, "min").sum(), a_ref)
     torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("reduce", ["min", "mean"])
+@pytest.mark.parametrize("n", [8, 40])  # both first-layer paths
+def test_frozen_reduced_in_chunks_equals_one_pass(monkeypatch, reduce, n, scratch):
+    """Chunking the states on CPU (to keep activations in cache) changes nothing but
+    speed: Q̂ and its action gradient match one pass over the whole batch."""
+    torch.manual_seed(8)
+    q = QEnsemble(4, 3, (16, 16), 2).double()
+    s = torch.randn(10, 4, dtype=torch.float64)
+    a = torch.rand(10, n, 3, dtype=torch.float64) * 2 - 1
+    w = torch.randn(10, n, dtype=torch.float64)  # an arbitrary upstream gradient
+    results = {}
+    for chunk_rows in (10**6, 3 * n):  # one pass; then 3 states per chunk (4 chunks)
+        monkeypatch.setattr(q_module, "CHUNK_ROWS", chunk_rows)
+        x = a.clone().requires_grad_(True)
+        out = q.frozen_reduced(s, x, reduce)
+        results[chunk_rows] = (out.detach(), *torch.autograd.grad((out * w).sum(), x))
+    for whole, chunked in zip(results[10**6], results[3 * n]):
+        torch.testing.assert_close(chunked, whole)
