@@ -29,14 +29,7 @@ from mbvi.compare import (
 )
 from mbvi.errors import CheckpointError, ComparisonError
 from mbvi.figures import improvement_by_group, plot_improvement
-from mbvi.runs import (
-    COMPARE_TAG,
-    RunData,
-    iteration_keys,
-    join_resumed,
-    load_runs,
-    resume_chains,
-)
+from mbvi.runs import COMPARE_TAG, RunData, load_runs
 from tests.conftest import CONFIGS, MBVI, ROOT, cli_env
 
 TINY = str(CONFIGS / "pendulum" / "tiny.yaml")
@@ -130,13 +123,6 @@ def test_runs_with_different_iteration_counts_are_plotted_apart(tmp_path):
     np.testing.assert_allclose(bands[(ITERATIVE, 10)][0], [[0.1 * k for k in range(11)]])
     path = plot_improvement(runs, "mixed", tmp_path / "fig2.png")
     assert path.read_bytes()[:8] == PNG_MAGIC
-
-
-def test_iteration_keys_need_j_iter_0_and_skip_other_suffixes():
-    assert iteration_keys(
-        ["engine/j_iter_2", "engine/j_iter_0", "engine/j_iter_x", "loss/value"]
-    ) == [0, 2]
-    assert iteration_keys(["engine/j_iter_1"]) == []
 
 
 def test_table_lists_each_group_with_seeds_and_mean_std():
@@ -326,18 +312,6 @@ def test_unfinished_runs_are_skipped(store_copy, tmp_path, capsys):
     assert "2 [0, 1]" in out and (tmp_path / "tiny_returns.png").exists()
 
 
-def test_a_resumed_run_joins_the_run_it_continues():
-    first = run_data(seed="3", curve={100: 1.0, 200: 2.0, 300: 3.0}, duration_s=10.0)
-    first.j_iter = {0: {100: 0.5, 300: 0.7}}
-    second = run_data(seed="3", curve={300: 30.0, 400: 40.0}, duration_s=5.0, env_steps=400)
-    second.run_id, second.j_iter = "id-resumed", {0: {400: 0.9}}
-    joined = join_resumed([first, second])
-    assert joined.curve == {100: 1.0, 200: 2.0, 300: 30.0, 400: 40.0}
-    assert joined.j_iter == {0: {100: 0.5, 300: 0.7, 400: 0.9}}
-    assert joined.duration_s == 15.0 and joined.env_steps == 400
-    assert joined.run_id == "id-resumed"
-
-
 def test_an_interrupted_then_resumed_seed_counts_once(store_copy, tmp_path, capsys):
     """A run killed hard (left RUNNING, no end time) and the run resumed from its
     checkpoint (tagged mbvi.resumed_from) are one sample: neither skipped nor counted
@@ -362,32 +336,6 @@ def test_an_interrupted_then_resumed_seed_counts_once(store_copy, tmp_path, caps
     assert "skipping" not in err and "more than one run" not in err
     (row,) = [line for line in out.splitlines() if line.startswith("Direct")]
     assert "3 [0, 1, 2]" in row
-
-
-@pytest.mark.parametrize(
-    "runs, chains, skipped",
-    [
-        (  # an extension still running: the finished run stands alone
-            [("a", "FINISHED", None, 1), ("b", "RUNNING", "a", 2)], [["a"]], ["b"],
-        ),
-        (  # a finished run extended by a finished one: one sample
-            [("a", "FINISHED", None, 1), ("b", "FINISHED", "a", 2)], [["a", "b"]], [],
-        ),
-        (  # failed, killed, finished: one sample through all three
-            [("a", "FAILED", None, 1), ("b", "KILLED", "a", 2), ("c", "FINISHED", "b", 3)],
-            [["a", "b", "c"]], [],
-        ),
-        (  # resumed twice: the first run's points go to the later resume only
-            [("a", "KILLED", None, 1), ("b", "FINISHED", "a", 2), ("c", "FINISHED", "a", 3)],
-            [["a", "c"], ["b"]], [],
-        ),
-        (  # a failed run nobody resumed is skipped
-            [("a", "FAILED", None, 1), ("b", "FINISHED", None, 2)], [["b"]], ["a"],
-        ),
-    ],
-)  # fmt: skip
-def test_resume_chains(runs, chains, skipped):
-    assert resume_chains(runs) == (chains, skipped)
 
 
 def test_another_metric_is_compared_and_plotted_under_its_own_name(store, tmp_path, capsys):
