@@ -41,7 +41,8 @@ q = twin Q (E = 2, 23→256→256→1), π = Direct's 17→256→256→12, f = I
 
 The first (untimed) update of each setting runs under
 ``torch.utils.flop_counter.FlopCounterMode`` and its count is printed next to the
-analytic one.
+analytic one (the fused oneDNN linear+ReLU of ``FrozenReducedQ``'s hidden layers is
+taught to it as a matmul).
 
     python benchmarks/iterative_cost.py [--repeats 5] [--threads 0]
 
@@ -58,13 +59,20 @@ import time
 import warnings
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from mbvi import ConstantTanhGaussianPrior, TwinQ, UniformPrior, VariationalAgent
 from mbvi.planners import Direct, Iterative
 
 ENV_ID, OBS, ACT, HIDDEN, MEMBERS = "HalfCheetah-v5", 17, 6, (256, 256), 2
 FILL = 1000  # random warm-up transitions in the replay buffer
+
+if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _linear_pointwise_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        """x [rows, in] · wᵀ, w [out, in] (bias and pointwise post-op not counted)."""
+        return 2 * x_shape[0] * x_shape[1] * w_shape[0]
 
 
 class _Mlp:

@@ -59,6 +59,36 @@ def test_frozen_reduced_gradcheck(reduce):
     )
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
+def test_fused_hidden_layers_are_used_on_cpu_float32_only():
+    """The oneDNN linear+ReLU serves float32 on CPU (its probe agrees with plain torch);
+    float64 (the exact tests above) takes bmm, bias add and ReLU."""
+    assert q_module._fused_linear_relu(torch.zeros(1))
+    assert not q_module._fused_linear_relu(torch.zeros(1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+@pytest.mark.parametrize("reduce", ["min", "mean"])
+@pytest.mark.parametrize("members,hidden", [(2, (32, 32)), (3, (24,)), (2, (16, 24, 16))])
+@pytest.mark.parametrize("n", [1, 40])
+def test_frozen_reduced_float32_matches_autograd(fused, reduce, members, hidden, n, monkeypatch):
+    """float32, as trained: both hidden-layer paths (fused oneDNN linear+ReLU and plain
+    ops) against autograd through the critics, in value and action gradient."""
+    if fused and not q_module._fused_linear_relu(torch.zeros(1)):
+        pytest.skip("no fused linear+ReLU in this build")
+    monkeypatch.setattr(q_module, "_FUSED_OK", fused)
+    torch.manual_seed(7)
+    q = QEnsemble(5, 3, hidden, members)
+    s, a = torch.randn(6, 5), torch.rand(6, n, 3) * 2 - 1
+    a_ref, a_fast = a.clone().requires_grad_(True), a.clone().requires_grad_(True)
+    ref, fast = _reference(q, s, a_ref, reduce), q.frozen_reduced(s, a_fast, reduce)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(ref)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), a_ref)
+    (g_fast,) = torch.autograd.grad((fast * w).sum(), a_fast)
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-5)
+
+
 def test_frozen_path_falls_back_when_states_need_gradients():
     """A model-based value may differentiate through predicted states: then Q̂'s
     gradient must reach s too, which the fast path does not compute."""
