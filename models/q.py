@@ -90,12 +90,13 @@ _PER_STATE_FIRST_LAYER = 32
 def _ensemble_forward(
     s: torch.Tensor, a: torch.Tensor, params: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(Q [E,B·N], post-ReLU hidden activations [E,B·N,H]) of the ensemble MLP.
+    """(Q [E,B·N], post-ReLU hidden activations per layer) of the ensemble MLP.
 
-    The hidden activations are scratch buffers, valid until the next call.  The first
-    layer is split into its state and action rows, so the state's share is computed
-    once per state rather than once per action (N times), and [s, a] is never
-    concatenated.
+    Each layer's activations are indexed by member (``h[e]`` [B·N,H]): one [E,B·N,H]
+    tensor, or a list of E tensors from the fused oneDNN linear+ReLU (CPU float32).
+    Tensors may be scratch buffers, valid until the next call.  The first layer is
+    split into its state and action rows, so the state's share is computed once per
+    state rather than once per action (N times), and [s, a] is never concatenated.
     """
     b, n, act_dim = a.shape
     w, bias = params[0], params[1]
@@ -230,9 +231,10 @@ class FrozenReducedQ(torch.autograd.Function):
     only, so the forward pass (when ``need_grad``) also computes the per-row gradient
     ∂Q̂_i/∂a_i [B,N,A] while the activations are still in cache, and the backward pass
     scales it by the incoming gradient.  No weight gradients, no autograd graph per
-    layer, and the activations live in reused scratch buffers (see ``_Scratch``).
-    On CPU the states run ``CHUNK_ROWS // N`` at a time (same result), so that those
-    buffers stay in cache.
+    layer; on CPU the hidden layers after the first run as one fused oneDNN
+    linear+bias+ReLU per member (float32), and the other activations live in reused
+    scratch buffers (see ``_Scratch``).  On CPU the states run ``CHUNK_ROWS // N`` at
+    a time (same result), so that the activations stay in cache.
     """
 
     @staticmethod
