@@ -175,6 +175,13 @@ def test_scratch_buffers_made_under_inference_mode_do_not_break_later_calls(monk
     s, a = torch.randn(3, 4), torch.rand(3, 40, 3) * 2 - 1
     with torch.inference_mode():
         q.frozen_reduced(s, a, "min")
+        monkeypatch.setattr(q_module, "CHUNK_ROWS", 40)  # 3 chunks: worker threads too
+        torch.set_num_threads(3)
+        try:
+            q.frozen_reduced(s, a, "min")
+        finally:
+            torch.set_num_threads(1)
+        monkeypatch.setattr(q_module, "CHUNK_ROWS", 2048)
     a = a.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(q.frozen_reduced(s, a, "min").sum(), a)
     a_ref = a.detach().clone().requires_grad_(True)
@@ -182,11 +189,22 @@ def test_scratch_buffers_made_under_inference_mode_do_not_break_later_calls(monk
     torch.testing.assert_close(g, g_ref)
 
 
+@pytest.fixture(params=[1, 3], ids=["1-thread", "3-threads"])
+def threads(request):
+    """Intra-op threads for the test (the suite runs with 1): with 3, the CPU chunks
+    are split across 3 worker threads (``mbvi.models.threads``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("reduce", ["min", "mean"])
 @pytest.mark.parametrize("n", [8, 40])  # both first-layer paths
-def test_frozen_reduced_in_chunks_equals_one_pass(monkeypatch, reduce, n, scratch):
-    """Chunking the states on CPU (to keep activations in cache) changes nothing but
-    speed: Q̂ and its action gradient match one pass over the whole batch."""
+def test_frozen_reduced_in_chunks_equals_one_pass(monkeypatch, reduce, n, scratch, threads):
+    """Chunking the states on CPU (to keep activations in cache), and splitting the
+    chunks across threads, change nothing but speed: Q̂ and its action gradient match
+    one pass over the whole batch."""
     torch.manual_seed(8)
     q = QEnsemble(4, 3, (16, 16), 2).double()
     s = torch.randn(10, 4, dtype=torch.float64)
