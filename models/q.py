@@ -225,6 +225,15 @@ def _action_gradient(
     return grad
 
 
+def _even_slices(block: range, parts: int) -> list[slice]:
+    """``block`` cut into ``parts`` consecutive slices whose sizes differ by at most 1
+    (none for ``parts`` 0)."""
+    if parts == 0:
+        return []
+    bounds = [block.start + len(block) * i // parts for i in range(parts + 1)]
+    return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
 class FrozenReducedQ(torch.autograd.Function):
     """Q̂(s, a) = reduce_e Q_ψe(s, a) with ψ constant, differentiable in ``a`` only.
 
@@ -250,9 +259,8 @@ class FrozenReducedQ(torch.autograd.Function):
         q = a.new_empty(b, n)
         grad = torch.empty_like(a) if need_grad else None
 
-        def run(block: range) -> None:  # the states of ``block``, ``step`` at a time
-            for start in range(block.start, block.stop, step):
-                rows = slice(start, min(start + step, block.stop))
+        def run(block: range) -> None:  # ``block``'s states, at most ``step`` at a time
+            for rows in _even_slices(block, -(-len(block) // step)):
                 q_e, hidden = _ensemble_forward(s[rows], a[rows], params)
                 q_e, which = q_e.min(0) if reduce == "min" else (q_e.mean(0), None)
                 q[rows] = q_e.view(-1, n)
@@ -262,7 +270,7 @@ class FrozenReducedQ(torch.autograd.Function):
 
         # On CPU with several chunks, each thread takes an equal block of states.
         k = split_count(-(-b // step)) if on_cpu and PARALLEL_CHUNKS else 1
-        run_split(run, [range(b * i // k, b * (i + 1) // k) for i in range(k)])
+        run_split(run, [range(r.start, r.stop) for r in _even_slices(range(b), k)])
         if need_grad:
             ctx.save_for_backward(grad)
         return q

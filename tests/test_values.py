@@ -218,3 +218,12 @@ def test_frozen_reduced_in_chunks_equals_one_pass(monkeypatch, reduce, n, scratc
         results[chunk_rows] = (out.detach(), *torch.autograd.grad((out * w).sum(), x))
     for whole, chunked in zip(results[10**6], results[3 * n]):
         torch.testing.assert_close(chunked, whole)
+
+
+def test_frozen_reduced_on_no_states_is_empty():
+    q = QEnsemble(3, 2, (8, 8), 2)
+    a = torch.rand(0, 4, 2).requires_grad_(True)
+    out = q.frozen_reduced(torch.randn(0, 3), a, "min")
+    assert out.shape == (0, 4)
+    (g,) = torch.autograd.grad(out.sum(), a)
+    assert g.shape == (0, 4, 2)
