@@ -247,8 +247,10 @@ class FrozenReducedQ(torch.autograd.Function):
     scales it by the incoming gradient.  No weight gradients, no autograd graph per
     layer; on CPU the hidden layers after the first run as one fused oneDNN
     linear+bias+ReLU per member (float32), and the other activations live in reused
-    scratch buffers (see ``_Scratch``).  On CPU the states run ``CHUNK_ROWS // N`` at
-    a time (same result), so that the activations stay in cache.
+    scratch buffers (see ``_Scratch``).  On CPU the states run at most
+    ``CHUNK_ROWS // N`` at a time (same result), so that the activations stay in cache,
+    and with T > 1 intra-op threads, T worker threads with one intra-op thread each
+    take a block of states apiece (``PARALLEL_CHUNKS``, ``mbvi.models.threads``).
     """
 
     @staticmethod
