@@ -58,7 +58,15 @@ def run_split(fn: Callable[[T], None], parts: Sequence[T]) -> None:
         torch.set_num_threads(threads)
 
 
+# Per-thread intra-op thread counts need torch's OpenMP backend; with its native
+# thread pool, torch.set_num_threads is process-wide, so nothing is split.
+_PER_THREAD_COUNTS = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 def split_count(chunks: int) -> int:
     """How many threads to split ``chunks`` independent CPU chunks over: the intra-op
-    thread count, at most one thread per chunk."""
+    thread count, at most one thread per chunk (1 where torch's parallel backend is not
+    OpenMP)."""
+    if not _PER_THREAD_COUNTS:
+        return 1
     return max(1, min(torch.get_num_threads(), chunks))

@@ -71,7 +71,17 @@ def test_a_failure_is_raised_after_every_part_has_finished(two_threads):
 
 
 def test_split_count_is_bounded_by_threads_and_chunks(two_threads):
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's parallel backend is not OpenMP: chunks are never split")
     assert split_count(1) == 1
     assert split_count(13) == 2
     torch.set_num_threads(1)
+    assert split_count(13) == 1
+
+
+def test_nothing_is_split_without_per_thread_counts(two_threads, monkeypatch):
+    """torch's native thread pool has one process-wide thread count: no split there."""
+    import mbvi.models.threads as threads_module
+
+    monkeypatch.setattr(threads_module, "_PER_THREAD_COUNTS", False)
     assert split_count(13) == 1
