@@ -5,6 +5,7 @@ import threading
 import pytest
 import torch
 
+import mbvi.models.threads as threads_module
 from mbvi.models.threads import run_split, split_count
 
 
@@ -81,7 +82,5 @@ def test_split_count_is_bounded_by_threads_and_chunks(two_threads):
 
 def test_nothing_is_split_without_per_thread_counts(two_threads, monkeypatch):
     """torch's native thread pool has one process-wide thread count: no split there."""
-    import mbvi.models.threads as threads_module
-
     monkeypatch.setattr(threads_module, "_PER_THREAD_COUNTS", False)
     assert split_count(13) == 1
