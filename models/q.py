@@ -225,12 +225,12 @@ def _action_gradient(
     return grad
 
 
-def _even_slices(block: range, parts: int) -> list[slice]:
-    """``block`` cut into ``parts`` consecutive slices whose sizes differ by at most 1
-    (none for ``parts`` 0)."""
+def _even_slices(start: int, stop: int, parts: int) -> list[slice]:
+    """[start, stop) cut into ``parts`` consecutive slices whose sizes differ by at most
+    1 (none for ``parts`` 0)."""
     if parts == 0:
         return []
-    bounds = [block.start + len(block) * i // parts for i in range(parts + 1)]
+    bounds = [start + (stop - start) * i // parts for i in range(parts + 1)]
     return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
@@ -261,8 +261,9 @@ class FrozenReducedQ(torch.autograd.Function):
         q = a.new_empty(b, n)
         grad = torch.empty_like(a) if need_grad else None
 
-        def run(block: range) -> None:  # ``block``'s states, at most ``step`` at a time
-            for rows in _even_slices(block, -(-len(block) // step)):
+        def run(block: slice) -> None:  # ``block``'s states, at most ``step`` at a time
+            chunks = -(-(block.stop - block.start) // step)
+            for rows in _even_slices(block.start, block.stop, chunks):
                 q_e, hidden = _ensemble_forward(s[rows], a[rows], params)
                 q_e, which = q_e.min(0) if reduce == "min" else (q_e.mean(0), None)
                 q[rows] = q_e.view(-1, n)
@@ -272,7 +273,7 @@ class FrozenReducedQ(torch.autograd.Function):
 
         # On CPU with several chunks, each thread takes an equal block of states.
         k = split_count(-(-b // step)) if on_cpu and PARALLEL_CHUNKS else 1
-        run_split(run, [range(r.start, r.stop) for r in _even_slices(range(b), k)])
+        run_split(run, _even_slices(0, b, k))
         if need_grad:
             ctx.save_for_backward(grad)
         return q

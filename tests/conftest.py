@@ -14,6 +14,15 @@ MBVI = str(Path(sys.executable).with_name("mbvi"))
 
 torch.set_num_threads(1)
 
+
+@pytest.fixture
+def intra_op_threads():
+    """``torch.set_num_threads`` for one test, the suite's count restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 _ACCELERATOR = ["cpu"]
 
 

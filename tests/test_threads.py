@@ -10,11 +10,8 @@ from mbvi.models.threads import run_split, split_count
 
 
 @pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+def two_threads(intra_op_threads):
+    intra_op_threads(2)
 
 
 def test_every_part_runs_once_on_a_worker_with_one_intra_op_thread(two_threads):

@@ -167,7 +167,9 @@ def test_masked_and_gathered_action_gradients_agree(reduce, scratch):
     torch.testing.assert_close(grads[1].view(5, 40, 3), g_ref)
 
 
-def test_scratch_buffers_made_under_inference_mode_do_not_break_later_calls(monkeypatch):
+def test_scratch_buffers_made_under_inference_mode_do_not_break_later_calls(
+    monkeypatch, intra_op_threads
+):
     monkeypatch.setattr(_Scratch, "MIN_NUMEL", 0)
     monkeypatch.setattr(q_module, "_scratch", _Scratch())  # no buffers yet
     torch.manual_seed(7)
@@ -176,11 +178,9 @@ def test_scratch_buffers_made_under_inference_mode_do_not_break_later_calls(monk
     with torch.inference_mode():
         q.frozen_reduced(s, a, "min")
         monkeypatch.setattr(q_module, "CHUNK_ROWS", 40)  # 3 chunks: worker threads too
-        torch.set_num_threads(3)
-        try:
-            q.frozen_reduced(s, a, "min")
-        finally:
-            torch.set_num_threads(1)
+        intra_op_threads(3)
+        q.frozen_reduced(s, a, "min")
+        intra_op_threads(1)
         monkeypatch.setattr(q_module, "CHUNK_ROWS", 2048)
     a = a.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(q.frozen_reduced(s, a, "min").sum(), a)
@@ -190,13 +190,11 @@ def test_scratch_buffers_made_under_inference_mode_do_not_break_later_calls(monk
 
 
 @pytest.fixture(params=[1, 3], ids=["1-thread", "3-threads"])
-def threads(request):
+def threads(request, intra_op_threads):
     """Intra-op threads for the test (the suite runs with 1): with 3, the CPU chunks
     are split across 3 worker threads (``mbvi.models.threads``)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+    intra_op_threads(request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("reduce", ["min", "mean"])
