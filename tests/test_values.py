@@ -14,6 +14,13 @@ from mbvi.models.q import (
 from mbvi.values import TwinQ
 
 
+@pytest.fixture(autouse=True)
+def hand_written_path_at_any_size(monkeypatch):
+    """The tests' shapes are below the rows from which the CPU takes the hand-written
+    pass (``MIN_FAST_ROWS``): lower the threshold so that they test that pass."""
+    monkeypatch.setattr(q_module, "MIN_FAST_ROWS", 0)
+
+
 @pytest.fixture(params=[False, True], ids=["fresh", "scratch"])
 def scratch(request, monkeypatch):
     """Run a test with plain allocations and again with every activation in the reused
@@ -225,3 +232,24 @@ def test_frozen_reduced_on_no_states_is_empty():
     assert out.shape == (0, 4)
     (g,) = torch.autograd.grad(out.sum(), a)
     assert g.shape == (0, 4, 2)
+
+
+@pytest.mark.parametrize("b,n,fast", [(16, 1, False), (8, 127, False), (8, 128, True)])
+def test_frozen_reduced_takes_autograd_below_min_fast_rows(monkeypatch, b, n, fast):
+    """On CPU, fewer than MIN_FAST_ROWS rows (states × actions, e.g. SAC's one action
+    per state) run through autograd, from MIN_FAST_ROWS up through FrozenReducedQ; the
+    values and gradients are the same either way."""
+    monkeypatch.setattr(q_module, "MIN_FAST_ROWS", 1024)
+    calls = []
+    apply = FrozenReducedQ.apply
+    monkeypatch.setattr(FrozenReducedQ, "apply", lambda *args: calls.append(1) or apply(*args))
+    torch.manual_seed(0)
+    q = QEnsemble(3, 2, (8, 8), members=2).double()
+    s, a = torch.randn(b, 3, dtype=torch.float64), torch.randn(b, n, 2, dtype=torch.float64)
+    a_ref, a_q = a.clone().requires_grad_(True), a.clone().requires_grad_(True)
+    out = q.frozen_reduced(s, a_q, "min")
+    assert bool(calls) == fast
+    torch.testing.assert_close(out, _reference(q, s, a_ref, "min"))
+    (g,) = torch.autograd.grad(out.sum(), a_q)
+    (g_ref,) = torch.autograd.grad(_reference(q, s, a_ref, "min").sum(), a_ref)
+    torch.testing.assert_close(g, g_ref)
