@@ -38,8 +38,9 @@ class QEnsemble(nn.Module):
         """min or mean over members of Q_ψe(s, a) [B,N]; gradients reach ``a`` only.
 
         Falls back to autograd through ``forward`` when ``s`` needs a gradient (e.g. a
-        model-based value differentiating through predicted states) and for critics
-        without hidden layers.
+        model-based value differentiating through predicted states), for critics
+        without hidden layers, and on CPU below ``MIN_FAST_ROWS`` rows, where autograd
+        is the faster of the two.
         """
         small = a.device.type == "cpu" and a.shape[0] * a.shape[1] < MIN_FAST_ROWS
         if small or len(self.net.layers) < 2 or (s.requires_grad and torch.is_grad_enabled()):
