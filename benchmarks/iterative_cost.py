@@ -18,20 +18,26 @@ FLOP count (``update_flops``): matmul FLOPs actually performed (2·rows·in·out
 linear layer and pass; Adam, Polyak averaging, tanh, sampling and KL are elementwise and
 not counted).  The critic being trained (value loss) runs through autograd: forward,
 then weight gradients and input gradients (none for its first layer).  Wherever the
-critic is frozen (inference, targets, the engines' losses) it runs through
+critic is frozen (inference, targets, the engines' losses) it runs, from
+``MIN_FAST_ROWS`` = 1,024 rows (states × actions) up on CPU, through
 ``FrozenReducedQ``: its first layer computes the state's share once per state and the
 action's once per action, and wherever actions need a gradient its forward pass also
 runs the backward w.r.t. the actions, with no weight gradients, sending each action
-through the one member that attains the min (so B·N rows, not E·B·N).  With
+through the one member that attains the min (so B·N rows, not E·B·N).  Below
+1,024 rows it runs through autograd, whose backward goes through every member and down
+to the whole first-layer input [s, a] (``frozen_q_bwd``).  With
 q = twin Q (E = 2, 23→256→256→1), π = Direct's 17→256→256→12, f = Iterative's
 (17+4A)→256→256→4A network, B states, N samples, K iterations:
 
-    fq(B, N)  = frozen forward: E·(B·S·H + B·N·(A·H + H·H + H))·2
-    bq(B, N)  = its gradient w.r.t. the actions (run in the forward pass): B·N·(H·H + H·A)·2
+    fq(B, N)  = frozen forward: E·(B·S·H + B·N·(A·H + H·H + H))·2, with B·N·S·H for
+                B·S·H through autograd below 1,024 rows
+    bq(B, N)  = its gradient w.r.t. the actions (run in the forward pass): B·N·(H·H + H·A)·2,
+                or E·B·N·(H + H·H + H·(S+A))·2 through autograd below 1,024 rows
     direct      next:   π fwd(B) + fq(B, 1)
                 value:  q fwd(B) + q bwd(B; weights, no first-input)
                 engine: π fwd(B) + fq(B, 1) + bq(B, 1) + π bwd(B; weights, no first-input)
-    iterative   unroll = fq(B, 1) + bq(B, 1)  (differentiability check, once per objective)
+    iterative   unroll = fq(B, 1) + bq(B, 1)  (differentiability check, once per objective;
+                                            bq only from 1,024 states up, see update_flops)
                          + K·(fq(B, N) + bq(B, N) + f fwd(B))
                 next:   unroll + fq(B, 1)                          (targets, at s')
                 value:  as direct
@@ -62,6 +68,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from mbvi import ConstantTanhGaussianPrior, TwinQ, UniformPrior, VariationalAgent
+from mbvi.models import q as q_module
+from mbvi.models.q import MIN_FAST_ROWS
 from mbvi.planners import Direct, Iterative
 
 ENV_ID, OBS, ACT, HIDDEN, MEMBERS = "HalfCheetah-v5", 17, 6, (256, 256), 2
@@ -90,14 +98,21 @@ class _Mlp:
 
 
 def frozen_q_fwd(b: int, n: int) -> int:
-    """Matmul FLOPs of ``FrozenReducedQ``'s forward on B states × N actions."""
+    """Matmul FLOPs of the frozen critic's forward on B states × N actions: the state's
+    share of the first layer once per state (``FrozenReducedQ``), or once per row below
+    ``MIN_FAST_ROWS`` rows (autograd through ``QEnsemble.forward``)."""
     h0, h1 = HIDDEN
-    return 2 * MEMBERS * (b * OBS * h0 + b * n * (ACT * h0 + h0 * h1 + h1))
+    states = b * n if b * n < MIN_FAST_ROWS else b
+    return 2 * MEMBERS * (states * OBS * h0 + b * n * (ACT * h0 + h0 * h1 + h1))
 
 
 def frozen_q_bwd(b: int, n: int) -> int:
-    """Matmul FLOPs of its backward (w.r.t. actions; min: one member per action)."""
+    """Matmul FLOPs of its backward w.r.t. the actions: with ``FrozenReducedQ`` (min: one
+    member per action), or, below ``MIN_FAST_ROWS`` rows, with autograd through every
+    member and down to the whole first-layer input [s, a]."""
     h0, h1 = HIDDEN
+    if b * n < MIN_FAST_ROWS:
+        return 2 * MEMBERS * b * n * (h1 + h1 * h0 + h0 * (OBS + ACT))
     return 2 * b * n * (h1 * h0 + h0 * ACT)
 
 
@@ -112,7 +127,10 @@ def update_flops(engine: str, batch: int, n_samples: int = 0, iterations: int = 
         eng = pi.fwd(b) + fq(b, 1) + bq(b, 1) + pi.bwd(b, weights=True, first_input=False)
         return nxt + value + eng
     f, k = _Mlp([OBS + 4 * ACT, *HIDDEN, 4 * ACT]), iterations
-    unroll = fq(b, 1) + bq(b, 1) + k * (fq(b, n_samples) + bq(b, n_samples) + f.fwd(b))
+    # The differentiability probe's action gradient is computed only where
+    # FrozenReducedQ computes it in its forward pass: autograd never runs its backward.
+    probe = fq(b, 1) + (bq(b, 1) if b >= MIN_FAST_ROWS else 0)
+    unroll = probe + k * (fq(b, n_samples) + bq(b, n_samples) + f.fwd(b))
     nxt = unroll + fq(b, 1)
     eng = unroll + fq(b, 1) + k * (fq(b, 1) + bq(b, 1))
     eng += f.bwd(b, weights=True, first_input=False) + (k - 1) * f.bwd(b, True, True)
@@ -131,8 +149,13 @@ def update_ms(agent: VariationalAgent, batch: int, repeats: int, warmup: int = 2
     opt = agent.configure_optimizers()
     agent.optimizers = lambda use_pl_optimizer=True: opt
     agent.manual_backward = lambda loss: loss.backward()
-    with FlopCounterMode(display=False) as counter:
-        agent.update(*agent.buffer.sample(batch))
+    # FlopCounterMode sees only this thread's ops: count with the chunks unsplit.
+    parallel, q_module.PARALLEL_CHUNKS = q_module.PARALLEL_CHUNKS, False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            agent.update(*agent.buffer.sample(batch))
+    finally:
+        q_module.PARALLEL_CHUNKS = parallel
     times, anchors = [], []
     for i in range(warmup - 1 + repeats):
         if i >= warmup - 1 and anchor is not None:
