@@ -55,6 +55,8 @@ class EnsembleMLP(nn.Module):
     def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         if x.dim() == 2:
             x = x.unsqueeze(0).expand(self.members, *x.shape)
-        for layer in self.layers[:-1]:
+        # Unpacked, not ``self.layers[:-1]``: slicing a ModuleList builds a new Module.
+        *hidden, last = self.layers
+        for layer in hidden:
             x = layer(x, frozen).relu_()  # in place: baddbmm's backward does not need it
-        return self.layers[-1](x, frozen)
+        return last(x, frozen)
