@@ -32,7 +32,7 @@ from mbvi.distributions import TanhGaussian
 from mbvi.errors import ConfigError, NonFiniteError
 from mbvi.metrics import RunningMeans
 from mbvi.objectives import Objective, alpha_loss, soft_td_target
-from mbvi.optim import fused_adam
+from mbvi.optim import adam_step, clear_grads, fused_adam
 from mbvi.planners.base import InferenceEngine
 from mbvi.planners.direct import Direct
 from mbvi.planners.gradient import GradientRefinement
@@ -322,9 +322,9 @@ class VariationalAgent(L.LightningModule):
         # Temperature: keep KL(π‖p) at its target.
         a_loss = alpha_loss(self.log_alpha, kl, self.kl_target)
 
-        opt.zero_grad(set_to_none=True)
+        clear_grads(opt)
         self.manual_backward(value_loss + engine_loss + a_loss + prior_loss)
-        opt.step()
+        adam_step(opt)
         self.value.update_target()
         self.prior.update_target()
         return {
