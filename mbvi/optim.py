@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+from torch.optim import optimizer as _optimizer_module
 
 
 def fused_adam(parts: Sequence[tuple[Sequence[torch.Tensor], float]]) -> torch.optim.Adam:
@@ -33,7 +33,12 @@ def clear_grads(optimizer: torch.optim.Optimizer) -> None:
             p.grad = None
 
 
+# Private torch names that Adam.step itself uses; without them, Adam.step is used.
 _FUSED_KERNEL = getattr(torch, "_fused_adam_", None)
+_GLOBAL_HOOKS = [
+    getattr(_optimizer_module, name, None)
+    for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
+]
 
 
 def adam_step(optimizer: torch.optim.Adam) -> None:
@@ -98,9 +103,12 @@ def adam_step(optimizer: torch.optim.Adam) -> None:
 def _lean_step_applies(optimizer: torch.optim.Optimizer) -> bool:
     if type(optimizer) is not torch.optim.Adam or _FUSED_KERNEL is None:
         return False
-    if _global_optimizer_pre_hooks or _global_optimizer_post_hooks:
-        return False
-    if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+    hooks = [
+        *_GLOBAL_HOOKS,
+        getattr(optimizer, "_optimizer_step_pre_hooks", None),
+        getattr(optimizer, "_optimizer_step_post_hooks", None),
+    ]
+    if any(h is None or len(h) for h in hooks):  # hooks, or a torch that keeps them elsewhere
         return False
     for group in optimizer.param_groups:
         if not group.get("fused") or group.get("amsgrad") or group.get("maximize"):

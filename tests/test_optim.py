@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from mbvi.optim import adam_step, clear_grads, fused_adam
 
@@ -49,6 +50,30 @@ def test_adam_step_is_torch_adam(skip):
         for name in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(ref_state[i][name], lean_state[i][name]), (i, name)
     assert float(lean_state[len(ref_state) - 1]["step"]) == 6 - len(skip)
+
+
+def test_adam_step_skips_adam_step_once_the_state_exists():
+    """Only the first step (which creates Adam's state) goes through Adam.step."""
+    calls = []
+
+    def counted(opt):
+        step = opt.step
+        opt.step = lambda *args, **kwargs: calls.append(1) or step(*args, **kwargs)
+        adam_step(opt)
+        del opt.step
+
+    _steps(counted)
+    assert len(calls) == 1
+
+
+def test_adam_step_runs_global_step_hooks():
+    calls = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: calls.append(1))
+    try:
+        _steps(adam_step)
+    finally:
+        handle.remove()
+    assert len(calls) == 6
 
 
 def test_adam_step_is_torch_adam_after_loading_a_state():
