@@ -63,11 +63,8 @@ def adam_step(optimizer: torch.optim.Adam) -> None:
             if p.grad is None:
                 continue
             state = optimizer.state.get(p)
-            if not state or p.grad.is_sparse:
-                optimizer.step()
-                return
             first = first or (p.device, p.dtype)
-            if (p.device, p.dtype) != first:
+            if not state or p.grad.is_sparse or (p.device, p.dtype) != first:
                 optimizer.step()
                 return
             params.append(p)

@@ -62,8 +62,6 @@ class TwinQ(ValueEstimate):
         self.q_target = QEnsemble(obs_dim, act_dim, self.hidden, self.members)
         self.q_target.load_state_dict(self.q.state_dict())
         self.q_target.requires_grad_(False)
-        # The Polyak pairs, listed once: collecting parameters walks the modules.
-        self._polyak = (list(self.q_target.parameters()), list(self.q.parameters()))
 
     def _combine(self, qs: torch.Tensor) -> torch.Tensor:
         return qs.min(0).values if self.reduce == "min" else qs.mean(0)
@@ -88,4 +86,4 @@ class TwinQ(ValueEstimate):
 
     @torch.no_grad()
     def update_target(self) -> None:
-        torch._foreach_lerp_(*self._polyak, self.tau)
+        torch._foreach_lerp_(list(self.q_target.parameters()), list(self.q.parameters()), self.tau)
