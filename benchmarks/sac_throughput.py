@@ -48,7 +48,10 @@ class _Timer(L.Callback):
             self.rate = (agent.env_steps - self.s0) / (time.perf_counter() - self.t0)
 
 
-def mbvi_rate(warmup: int, steps: int, seed: int, tracked: bool = True) -> float:
+def mbvi_rate(warmup: int, steps: int, seed: int, compile: bool, tracked: bool = True) -> float:
+    # Each run compiles afresh, as a new `mbvi fit` process does (dynamo would otherwise
+    # stop recompiling for new agents after its cache limit and run them eagerly).
+    torch._dynamo.reset()
     agent = VariationalAgent(
         ENV_ID,
         prior=UniformPrior(),
@@ -64,6 +67,7 @@ def mbvi_rate(warmup: int, steps: int, seed: int, tracked: bool = True) -> float
         checkpoint_every=10**9,
         progress_refresh_s=0,
         eval_episodes=1,
+        compile=compile,
     )
     agent.run_evaluation = lambda: float("nan")  # time training only, as for SB3
     timer = _Timer(warmup + 1, warmup + steps)
@@ -122,13 +126,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train mbvi with compile=True (its first update compiles, before the timing)",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, compile={args.compile}")
     ours, untracked, theirs = [], [], []
     for r in range(args.rounds):
-        ours.append(mbvi_rate(args.warmup, args.steps, seed=r))
-        untracked.append(mbvi_rate(args.warmup, args.steps, seed=r, tracked=False))
+        ours.append(mbvi_rate(args.warmup, args.steps, r, args.compile))
+        untracked.append(mbvi_rate(args.warmup, args.steps, r, args.compile, tracked=False))
         theirs.append(sb3_rate(args.warmup, args.steps, seed=r))
         print(
             f"round {r}: mbvi {ours[-1]:.1f} steps/s (untracked {untracked[-1]:.1f}), "
