@@ -49,13 +49,27 @@ class ReLU(nn.Module):
         return relu_(x)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` whose bias, under ``torch.compile``, is added after the matmul.
+
+    ``addmm`` first copies the broadcast bias into its output and multiplies onto it;
+    inductor keeps it as one library call, copy included.  A plain matmul plus bias
+    lets the add fuse into the next pointwise kernel (the ReLU) instead.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return x @ self.weight.t() + self.bias
+        return super().forward(x)
+
+
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
     """ReLU MLP ``in_dim -> hidden... -> out_dim`` with a linear output."""
     layers: list[nn.Module] = []
     for width in hidden:
-        layers += [nn.Linear(in_dim, width), ReLU()]
+        layers += [Linear(in_dim, width), ReLU()]
         in_dim = width
-    layers.append(nn.Linear(in_dim, out_dim))
+    layers.append(Linear(in_dim, out_dim))
     return nn.Sequential(*layers)
 
 
@@ -70,6 +84,8 @@ class EnsembleLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         w, b = (self.weight.detach(), self.bias.detach()) if frozen else (self.weight, self.bias)
+        if torch.compiler.is_compiling():
+            return torch.bmm(x, w) + b  # the add fuses into the next kernel (see Linear)
         return torch.baddbmm(b, x, w)
 
 
