@@ -91,10 +91,11 @@ class VariationalAgent(L.LightningModule):
             ``inference/amortisation_gap``); 0 turns it off.
         gap_states: replay states the gap is measured on.
         compile: run each update's losses (forward and backward) through
-            ``torch.compile``.  With the default inductor backend the first update
-            compiles for about 10-20 s; SAC updates then run about 1.4x faster on a
-            2-core CPU.  Code that dynamo cannot trace (e.g. the threaded inner loops
-            of the paper-setting iterative engine) stays eager.
+            ``torch.compile``.  The first update compiles for about 10-30 s (less
+            once inductor's on-disk cache holds the graphs); SAC updates then run
+            about 1.3x faster on a 2-core CPU.  Code that dynamo cannot trace (e.g.
+            the threaded inner loops of the paper-setting iterative engine) stays
+            eager.
     """
 
     def __init__(
@@ -162,8 +163,11 @@ class VariationalAgent(L.LightningModule):
         if compile:
             # Random draws by aten's generator, as in eager mode: inductor's own CPU
             # sampler was ~3x slower here, and a seeded run draws the same numbers
-            # whether it compiles or not.
-            self._losses = torch.compile(self._eager_losses, options={"fallback_random": True})
+            # whether it compiles or not.  On CPU-only machines the graph's kernels are
+            # called from C++ rather than Python (3-5% off a SAC update here; ~10 s
+            # more to compile once).
+            options = {"fallback_random": True, "cpp_wrapper": not torch.cuda.is_available()}
+            self._losses = torch.compile(self._eager_losses, options=options)
 
     # ---- Lightning plumbing -------------------------------------------------------
     def configure_callbacks(self):
