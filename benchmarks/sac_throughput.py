@@ -2,7 +2,10 @@
 
 Same settings for both: batch 256, 2x256 ReLU networks, one update per env step after
 ``--warmup`` random steps; mbvi runs through its Lightning Trainer with MLflow tracking
-(an SQLite store in a temporary folder), as a user's run does.  The two alternate for
+(an SQLite store in a temporary folder), as a user's run does, and with ``compile=True``
+as ``configs/halfcheetah/sac.yaml`` sets it (``--no-compile``: the eager update).  Its
+one-off compile falls in the first batch of updates, before the timed steps; the
+median length of that batch is printed.  The two alternate for
 ``--rounds`` rounds; each round times ``--steps`` env steps after warm-up, and the
 medians are compared.  Each round also runs mbvi without a logger, which gives the
 cost of tracking (asynchronous MLflow logging included) as ``tracking_overhead`` =
@@ -34,21 +37,29 @@ ENV_ID = "HalfCheetah-v5"
 
 class _Timer(L.Callback):
     """Env steps per second between the first batch ending at or after ``start`` and
-    the one ending at or after ``stop`` (a batch holds several env steps)."""
+    the one ending at or after ``stop`` (a batch holds several env steps), and the
+    seconds of that first batch (``first_batch_s``: with ``compile=True``, the compile)."""
 
     def __init__(self, start: int, stop: int):
         self.start, self.stop = start, stop
         self.t0, self.s0, self.rate = None, 0, float("nan")
+        self.last_end, self.first_batch_s = time.perf_counter(), float("nan")
 
     def on_train_batch_end(self, trainer, agent, outputs, batch, batch_idx):
         if self.t0 is None:
+            now = time.perf_counter()
             if agent.env_steps >= self.start:
-                self.t0, self.s0 = time.perf_counter(), agent.env_steps
+                self.t0, self.s0 = now, agent.env_steps
+                self.first_batch_s = now - self.last_end
+            self.last_end = now
         elif agent.env_steps >= self.stop and math.isnan(self.rate):
             self.rate = (agent.env_steps - self.s0) / (time.perf_counter() - self.t0)
 
 
-def mbvi_rate(warmup: int, steps: int, seed: int, compile: bool, tracked: bool = True) -> float:
+def mbvi_rate(
+    warmup: int, steps: int, seed: int, compile: bool, tracked: bool = True
+) -> tuple[float, float]:
+    """(env steps per second, seconds of the first batch with updates)."""
     # Each run compiles afresh, as a new `mbvi fit` process does (dynamo would otherwise
     # stop recompiling for new agents after its cache limit and run them eagerly).
     torch._dynamo.reset()
@@ -89,7 +100,7 @@ def mbvi_rate(warmup: int, steps: int, seed: int, compile: bool, tracked: bool =
             num_sanity_val_steps=0,
         )
         trainer.fit(agent)
-    return timer.rate
+    return timer.rate, timer.first_batch_s
 
 
 def sb3_rate(warmup: int, steps: int, seed: int) -> float:
@@ -135,17 +146,20 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, compile={args.compile}")
-    ours, untracked, theirs = [], [], []
+    ours, untracked, theirs, first = [], [], [], []
     for r in range(args.rounds):
-        ours.append(mbvi_rate(args.warmup, args.steps, r, args.compile))
-        untracked.append(mbvi_rate(args.warmup, args.steps, r, args.compile, tracked=False))
+        rate, first_batch_s = mbvi_rate(args.warmup, args.steps, r, args.compile)
+        ours.append(rate)
+        first.append(first_batch_s)
+        untracked.append(mbvi_rate(args.warmup, args.steps, r, args.compile, tracked=False)[0])
         theirs.append(sb3_rate(args.warmup, args.steps, seed=r))
         print(
-            f"round {r}: mbvi {ours[-1]:.1f} steps/s (untracked {untracked[-1]:.1f}), "
-            f"sb3 {theirs[-1]:.1f} steps/s",
+            f"round {r}: mbvi {ours[-1]:.1f} steps/s (untracked {untracked[-1]:.1f}; first "
+            f"batch of updates {first_batch_s:.1f} s), sb3 {theirs[-1]:.1f} steps/s",
             flush=True,
         )
     x, y = statistics.median(ours), statistics.median(theirs)
+    print(f"mbvi_first_update_batch_s={statistics.median(first):.1f} (the compile, if any)")
     print(f"tracking_overhead={1 - x / statistics.median(untracked):.3f}")
     print(f"sac_throughput mbvi_steps_per_s={x:.1f} sb3_steps_per_s={y:.1f} ratio={x / y:.2f}")
 
