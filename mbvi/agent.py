@@ -93,9 +93,11 @@ class VariationalAgent(L.LightningModule):
         compile: run each update's losses (forward and backward) through
             ``torch.compile``.  The first update compiles for about 10-30 s (less
             once inductor's on-disk cache holds the graphs); SAC updates then run
-            about 1.3x faster on a 2-core CPU.  Code that dynamo cannot trace (e.g.
-            the threaded inner loops of the paper-setting iterative engine) stays
-            eager.
+            about 1.3x faster on a 2-core CPU.  Meant for amortised engines
+            (``Direct``, ``Iterative``): code that dynamo cannot trace stays eager, and
+            engines that run an optimiser or threads inside inference
+            (``GradientRefinement``; ``Iterative`` at the paper's sample count) break
+            into many graphs that can take minutes to compile.
     """
 
     def __init__(

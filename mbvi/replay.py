@@ -24,11 +24,15 @@ class ReplayBuffer:
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device="cpu", seed: int = 0):
         self.capacity, self.device = capacity, torch.device(device)
-        self.obs = torch.empty(capacity, obs_dim, device=device)
-        self.act = torch.empty(capacity, act_dim, device=device)
-        self.rew = torch.empty(capacity, device=device)
-        self.next_obs = torch.empty(capacity, obs_dim, device=device)
-        self.term = torch.empty(capacity, device=device)
+        # One row per transition, the fields as column views of it: a batch is one
+        # gather of rows (``sample``), not one per field.
+        widths = {"obs": obs_dim, "act": act_dim, "rew": 1, "next_obs": obs_dim, "term": 1}
+        self.rows = torch.empty(capacity, sum(widths.values()), device=device)
+        self._columns, start = {}, 0
+        for field, width in widths.items():
+            self._columns[field] = (start, width)
+            start += width
+        self.obs, self.act, self.rew, self.next_obs, self.term = self._fields(self.rows)
         self.size, self.pos = 0, 0
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
@@ -55,7 +59,16 @@ class ReplayBuffer:
         training uses).  The indices move to the device in one small copy."""
         generator = self.generator if generator is None else generator
         idx = torch.randint(0, self.size, (batch_size,), generator=generator).to(self.device)
-        return tuple(getattr(self, f)[idx] for f in self.FIELDS)
+        return self._fields(self.rows[idx])
+
+    def _fields(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Views of ``rows`` [N, width] as (obs [N,S], act [N,A], rew [N], next_obs, term [N])."""
+        out = []
+        for field in self.FIELDS:
+            start, width = self._columns[field]
+            column = rows[:, start : start + width]
+            out.append(column.squeeze(1) if field in ("rew", "term") else column)
+        return tuple(out)
 
     def _chronological(self) -> torch.Tensor:
         """Indices of the stored transitions, oldest first."""

@@ -1,12 +1,15 @@
 """``compile=True``: the update's losses through torch.compile match the eager ones."""
 
+import math
+
+import lightning as L
 import torch
 from mlflow import MlflowClient
 
 from mbvi import MLflowTracker, TwinQ, VariationalAgent
 from mbvi.models.mlp import EnsembleMLP, _MaskFreeReLU, mlp
 from mbvi.planners import Direct
-from tests.conftest import TINY_AGENT, fit_agent
+from tests.conftest import TINY_AGENT, accelerator, fit_agent
 
 
 def test_mask_free_relu_has_relus_values_and_gradients():
@@ -75,12 +78,24 @@ def test_compiled_losses_and_gradients_match_eager_ones():
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6)
 
 
-def test_a_compiled_agent_trains_through_lightning_and_records_its_setting(workdir):
+def test_a_compiled_agent_trains_records_its_setting_and_resumes(workdir):
     logger = MLflowTracker(experiment_name="t", tracking_uri=f"sqlite:///{workdir}/mlflow.db")
-    agent = _agent(compile=True)
+    agent = _agent(compile=True, total_env_steps=200)
     fit_agent(agent, workdir, logger)
-    assert agent.env_steps == TINY_AGENT["total_env_steps"]
+    assert agent.env_steps == 200
     run = MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_run(logger.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["compile"] == "True"
-    assert torch.isfinite(torch.tensor(run.data.metrics["loss/value"]))
+    assert math.isfinite(run.data.metrics["loss/value"])
+
+    resumed = _agent(compile=True, total_env_steps=300)
+    path = workdir / "checkpoints" / logger.run_id / "last.ckpt"
+    trainer = L.Trainer(
+        logger=False, max_epochs=-1, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(workdir), accelerator=accelerator(),
+    )  # fmt: skip
+    trainer.fit(resumed, ckpt_path=path)
+    assert resumed.env_steps == 300
+    saved = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    changed = [k for k, v in resumed.state_dict().items() if not torch.equal(v, saved[k])]
+    assert "log_alpha" in changed  # it trained on from the checkpoint
