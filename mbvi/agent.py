@@ -28,10 +28,10 @@ from mbvi.checkpoints import agent_state, load_agent_state
 from mbvi.checks import check_schedule, kl_target_per_dim
 from mbvi.components import build_component, component_params, component_spec
 from mbvi.diagnostics import amortisation_gap
-from mbvi.distributions import TanhGaussian
-from mbvi.errors import ConfigError, NonFiniteError
+from mbvi.errors import NonFiniteError
+from mbvi.m_step import m_step_losses
 from mbvi.metrics import RunningMeans
-from mbvi.objectives import Objective, alpha_loss, soft_td_target
+from mbvi.objectives import Objective
 from mbvi.optim import adam_step, clear_grads, fused_adam
 from mbvi.planners.base import InferenceEngine
 from mbvi.planners.direct import Direct
@@ -291,14 +291,10 @@ class VariationalAgent(L.LightningModule):
             self._log({"train/episode_return": t.episode_return})
 
     def update(self, s, a, r, s2, term) -> dict[str, torch.Tensor]:
-        """One M-step on a replay batch ``s`` [B,S], ``a`` [B,A], ``r`` [B], ``s2``, ``term``.
-
-        The value, engine and α losses touch disjoint parameters (the engine sees the
-        value with frozen parameters; targets and KL are constants), so their sum is
-        minimised in one backward pass: each part gets exactly its own gradient.  The
-        engine thus sees the value before, not after, this step's value update.
-        Returns detached metric tensors (no host sync on the hot path).
-        """
+        """One M-step on a replay batch ``s`` [B,S], ``a`` [B,A], ``r`` [B], ``s2``, ``term``:
+        the sum of ``mbvi.m_step.m_step_losses`` minimised in one backward pass and one
+        Adam step, then the targets' averaging.  Returns detached metric tensors (no
+        host sync on the hot path)."""
         # The raw torch optimizer: Lightning's wrapper adds closure and hook calls per step
         # (mbvi trains in fp32 and counts env steps, not trainer.global_step).
         opt = self.optimizers(use_pl_optimizer=False)
@@ -311,54 +307,12 @@ class VariationalAgent(L.LightningModule):
         return metrics
 
     def _eager_losses(self, s, a, r, s2, term) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(the summed loss of ``update``, its detached metrics); ``self._losses`` is
-        this method, or this method through ``torch.compile``."""
-        alpha = self.alpha
-
-        # Value: soft TD target with the posterior at s' (Eq. 9-10), target critics.
-        with torch.no_grad():  # engines that need ∇λJ̃ enable gradients for themselves
-            next_objective = Objective(s2, self.value.target, self.prior, alpha)
-            next_v, _ = next_objective(self.engine.infer(s2, next_objective), 1)
-            y = soft_td_target(r, term, next_v, self.hparams.gamma)
-        value_loss, value_metrics = self.value.loss(s, a, y)
-
-        # Engine: maximise J̃ (Eq. 16) against the value with its parameters frozen.
-        objective = Objective(s, partial(self.value, frozen=True), self.prior, alpha)
-        engine_loss, engine_metrics = self.engine.loss(s, objective)
-
-        # The engine's metrics carry KL(π‖p) [B] and, for a learned prior, the
-        # posterior its loss was about.
-        missing = [k for k in ("kl", "loc", "log_scale") if k not in engine_metrics]
-        if "kl" in missing or (self.prior.learnable and missing):
-            raise ConfigError(
-                f"{type(self.engine).__name__}.loss returned no {missing[0]!r} metric, "
-                f"which the agent needs (metrics given: {sorted(engine_metrics)}). An "
-                "engine's loss metrics must hold 'kl' [B] for tuning α and, with a "
-                "learned prior, 'loc' and 'log_scale' [B,A] of its posterior: add "
-                "mbvi.planners.base.posterior_metrics(posterior) to them."
-            )
-        kl = engine_metrics["kl"]
-
-        # Prior (M-step, learned priors only): fit p_θ to that posterior (Eq. 7),
-        # without inferring it again.
-        prior_loss, prior_metrics = 0.0, {}
-        if self.prior.learnable:
-            posterior = TanhGaussian(engine_metrics["loc"], engine_metrics["log_scale"])
-            prior_loss, prior_metrics = self.prior.loss(s, posterior)
-
-        # Temperature: keep KL(π‖p) at its target.
-        a_loss = alpha_loss(self.log_alpha, kl, self.kl_target)
-
-        return value_loss + engine_loss + a_loss + prior_loss, {
-            # Scalar engine diagnostics, e.g. J̃ per inference iteration (Fig. 2).
-            **{f"engine/{k}": v for k, v in engine_metrics.items() if v.dim() == 0},
-            **{f"prior/{k}": v for k, v in prior_metrics.items() if v.dim() == 0},
-            "loss/value": value_loss.detach(),
-            "loss/engine": engine_loss.detach(),
-            "train/alpha": alpha,
-            "train/kl": kl.mean(),
-            "train/q": value_metrics["q_mean"],
-        }
+        """``m_step_losses`` of this agent's parts; ``self._losses`` is this method, or
+        this method through ``torch.compile``."""
+        return m_step_losses(
+            self.value, self.engine, self.prior, self.log_alpha, self.kl_target,
+            self.hparams.gamma, s, a, r, s2, term,
+        )  # fmt: skip
 
     # ---- metrics --------------------------------------------------------------------
     def _flush_metrics(self) -> None:
