@@ -26,12 +26,8 @@ class ReplayBuffer:
         self.capacity, self.device = capacity, torch.device(device)
         # One row per transition, the fields as column views of it: a batch is one
         # gather of rows (``sample``), not one per field.
-        widths = {"obs": obs_dim, "act": act_dim, "rew": 1, "next_obs": obs_dim, "term": 1}
-        self.rows = torch.empty(capacity, sum(widths.values()), device=device)
-        self._columns, start = {}, 0
-        for field, width in widths.items():
-            self._columns[field] = (start, width)
-            start += width
+        self._widths = (obs_dim, act_dim, 1, obs_dim, 1)  # in the order of FIELDS
+        self.rows = torch.empty(capacity, sum(self._widths), device=device)
         self.obs, self.act, self.rew, self.next_obs, self.term = self._fields(self.rows)
         self.size, self.pos = 0, 0
         self.seed = seed
@@ -63,12 +59,8 @@ class ReplayBuffer:
 
     def _fields(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Views of ``rows`` [N, width] as (obs [N,S], act [N,A], rew [N], next_obs, term [N])."""
-        out = []
-        for field in self.FIELDS:
-            start, width = self._columns[field]
-            column = rows[:, start : start + width]
-            out.append(column.squeeze(1) if field in ("rew", "term") else column)
-        return tuple(out)
+        obs, act, rew, next_obs, term = rows.split(self._widths, dim=1)
+        return obs, act, rew.squeeze(1), next_obs, term.squeeze(1)
 
     def _chronological(self) -> torch.Tensor:
         """Indices of the stored transitions, oldest first."""
