@@ -24,9 +24,9 @@ from functools import partial
 import torch
 
 from mbvi import VariationalAgent
-from mbvi.diagnostics import amortisation_gap
-from mbvi.objectives import Objective
 from mbvi.planners import GradientRefinement
+from mbvi.variational.diagnostics import amortisation_gap
+from mbvi.variational.objectives import TrajectoryObjective
 
 
 def main() -> None:
@@ -45,7 +45,9 @@ def main() -> None:
             states = agent.buffer.sample(args.states)[0]
         refiner = GradientRefinement(steps=args.steps, init_loc=0.0, init_log_scale=0.0)
         refiner.build(agent.runner.obs_dim, agent.runner.act_dim)
-        objective = Objective(states, partial(agent.value, frozen=True), agent.prior, agent.alpha)
+        objective = TrajectoryObjective(
+            states, partial(agent.value, frozen=True), agent.prior, agent.alpha
+        )
         torch.manual_seed(args.seed)
         m = amortisation_gap(agent.engine, refiner, states, objective)
         gap, refined = m["inference/amortisation_gap"], m["inference/j_refined"]

@@ -34,8 +34,8 @@ from functools import partial
 import torch
 
 from mbvi import ConstantTanhGaussianPrior, VariationalAgent
-from mbvi.distributions import TanhGaussian
-from mbvi.objectives import Objective
+from mbvi.variational.distributions import TanhGaussian
+from mbvi.variational.objectives import TrajectoryObjective
 
 
 def sigma_points(loc: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ def sigma_points(loc: torch.Tensor) -> torch.Tensor:
     return torch.cat([eye, -eye]).expand(b, 2 * a, a)
 
 
-def gradient(objective: Objective, loc, log_scale, eps) -> torch.Tensor:
+def gradient(objective: TrajectoryObjective, loc, log_scale, eps) -> torch.Tensor:
     """∇(loc, log_scale) J̃ for the given standard-normal draws, ``[B, 2A]``."""
     loc = loc.detach().requires_grad_(True)
     log_scale = log_scale.detach().requires_grad_(True)
@@ -87,10 +87,10 @@ def main() -> None:
     s = agent.buffer.sample(args.states)[0]
     prior = ConstantTanhGaussianPrior()
     prior.build(s.shape[-1], agent.runner.act_dim)
-    objective = Objective(s, partial(agent.value, frozen=True), prior, agent.alpha)
+    objective = TrajectoryObjective(s, partial(agent.value, frozen=True), prior, agent.alpha)
     with torch.no_grad():
         trained = agent.engine.infer(
-            s, Objective(s, partial(agent.value, frozen=True), agent.prior, agent.alpha)
+            s, TrajectoryObjective(s, partial(agent.value, frozen=True), agent.prior, agent.alpha)
         )
     places = {"prior": objective.prior_dist, "posterior": trained}
     print(

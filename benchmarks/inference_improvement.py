@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from mbvi import VariationalAgent
-from mbvi.diagnostics import check_iterative, iteration_improvement, iteration_values
-from mbvi.figures import plot_iteration_bands
-from mbvi.objectives import Objective
-from mbvi.rollout import EnvRunner, record_episodes
+from mbvi.tracking.figures import plot_iteration_bands
+from mbvi.training.runner import EnvRunner, record_episodes
+from mbvi.variational.diagnostics import check_iterative, iteration_improvement, iteration_values
+from mbvi.variational.objectives import TrajectoryObjective
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     absolute, relative = [], []
     for i, (obs, ret) in enumerate(episodes):
         s = torch.as_tensor(obs, dtype=torch.float32)
-        objective = Objective(s, partial(agent.value, frozen=True), agent.prior, agent.alpha)
+        objective = TrajectoryObjective(
+            s, partial(agent.value, frozen=True), agent.prior, agent.alpha
+        )
         values = iteration_values(agent.engine, s, objective, args.samples, args.seed)
         a, r = iteration_improvement(values)
         absolute.append(a.numpy())

@@ -24,11 +24,11 @@ import time
 import pyro
 import torch
 
-from mbvi.distributions import TanhGaussian
 from mbvi.models.mlp import mlp
 from mbvi.models.policy import GaussianHead
-from mbvi.priors import ConstantTanhGaussianPrior
 from mbvi.pyro import OptimalityModel, compiled_objective, native_objective
+from mbvi.variational.distributions import TanhGaussian
+from mbvi.variational.priors import ConstantTanhGaussianPrior
 
 OBS_DIM, ACT_DIM, HIDDEN, HORIZON, PARTICLES, ALPHA = 17, 6, (64, 64), 5, 16, 0.2
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from mbvi.tracking import resolve_tracking_uri
+from mbvi.tracking.logger import resolve_tracking_uri
 
 
 def main() -> None:

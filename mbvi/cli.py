@@ -14,13 +14,13 @@ import warnings
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
-from mbvi.agent import VariationalAgent
-from mbvi.checkpoints import validate_checkpoint
 from mbvi.errors import MbviError
-from mbvi.tracking import RESUMED_FROM_TAG, MLflowTracker
+from mbvi.tracking.logger import RESUMED_FROM_TAG, MLflowTracker
+from mbvi.training.agent import VariationalAgent
+from mbvi.training.checkpoints import validate_checkpoint
 
 TRAINER_DEFAULTS = {
-    "logger": {"class_path": "mbvi.tracking.MLflowTracker"},
+    "logger": {"class_path": "mbvi.tracking.logger.MLflowTracker"},
     "accelerator": "auto",
     "devices": 1,
     "max_epochs": -1,
@@ -74,7 +74,7 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``mbvi`` console script."""
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] == "compare":  # table and plots from MLflow, not a LightningCLI command
-        from mbvi.compare import main as compare_main
+        from mbvi.tracking.compare import main as compare_main
 
         sys.exit(compare_main(argv[1:]))
     if os.getcwd() not in sys.path:

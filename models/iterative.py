@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mbvi.distributions import LOG_SCALE_MAX
 from mbvi.models.mlp import mlp
 from mbvi.models.policy import POLICY_LOG_SCALE_MIN
+from mbvi.variational.distributions import LOG_SCALE_MAX
 
 
 class IterativeUpdate(nn.Module):

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mbvi.distributions import LOG_SCALE_MAX
 from mbvi.models.mlp import mlp
+from mbvi.variational.distributions import LOG_SCALE_MAX
 
 POLICY_LOG_SCALE_MIN = -5.0
 

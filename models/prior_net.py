@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
-from mbvi.distributions import LOG_SCALE_MAX
 from mbvi.errors import ConfigError
 from mbvi.models.policy import POLICY_LOG_SCALE_MIN, GaussianHead
+from mbvi.variational.distributions import LOG_SCALE_MAX
 
 
 class PriorNet(GaussianHead):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from mbvi.distributions import LOG_SCALE_MAX, LOG_SCALE_MIN, TanhGaussian
 from mbvi.errors import ConfigError
-from mbvi.objectives import Objective
-from mbvi.priors import Prior
+from mbvi.variational.distributions import LOG_SCALE_MAX, LOG_SCALE_MIN, TanhGaussian
+from mbvi.variational.objectives import TrajectoryObjective
+from mbvi.variational.priors import Prior
 
 
 def check_count(engine: str, name: str, value: int) -> None:
@@ -52,7 +52,7 @@ def check_prior(
 def initial_params(
     engine: str,
     s: torch.Tensor,
-    objective: Objective,
+    objective: TrajectoryObjective,
     act_dim: int,
     init_loc: float | None,
     init_log_scale: float | None,
@@ -82,7 +82,7 @@ def initial_params(
 
 
 def objective_gradient(
-    objective: Objective,
+    objective: TrajectoryObjective,
     loc: torch.Tensor,
     log_scale: torch.Tensor,
     n_samples: int,
@@ -107,7 +107,7 @@ def objective_gradient(
     return j.detach(), g_loc, g_log_scale
 
 
-def _check_value_differentiable(objective: Objective, loc: torch.Tensor) -> None:
+def _check_value_differentiable(objective: TrajectoryObjective, loc: torch.Tensor) -> None:
     """Fail loudly, rather than follow ∇KL alone, when Q̂ blocks gradients to actions
     (e.g. a target critic run under ``torch.no_grad``).  Costs one action per state,
     once per objective (an engine's K iterations share the check)."""

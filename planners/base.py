@@ -5,7 +5,7 @@ the approximate posterior π(a|s,O).  It never sees the environment, the replay 
 or the logger, so any engine can be driven by a closed-form objective in a test::
 
     engine.build(obs_dim, act_dim)
-    objective = Objective(states, value_fn, prior, alpha)
+    objective = TrajectoryObjective(states, value_fn, prior, alpha)
     posterior = engine.infer(states, objective)      # TanhGaussian [B, A]
     loss, metrics = engine.loss(states, objective)   # amortised engines only
 """
@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mbvi.distributions import TanhGaussian
-from mbvi.objectives import Objective
+from mbvi.variational.distributions import TanhGaussian
+from mbvi.variational.objectives import TrajectoryObjective
 
 
 class InferenceEngine(nn.Module):
@@ -43,7 +43,7 @@ class InferenceEngine(nn.Module):
         """Raise ``ConfigError`` at configuration time if this engine cannot start from
         ``prior`` (called by the agent once everything is built)."""
 
-    def infer(self, s: torch.Tensor, objective: Objective) -> TanhGaussian:
+    def infer(self, s: torch.Tensor, objective: TrajectoryObjective) -> TanhGaussian:
         """Approximate posterior for states ``s`` [B,S].  Must work under the caller's
         ``torch.no_grad`` (the agent acts and builds TD targets that way): an engine
         that differentiates the objective enables gradients for itself, as
@@ -51,7 +51,7 @@ class InferenceEngine(nn.Module):
         raise NotImplementedError
 
     def loss(
-        self, s: torch.Tensor, objective: Objective
+        self, s: torch.Tensor, objective: TrajectoryObjective
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss whose gradient trains the inference network: −J̃ averaged over states.
 

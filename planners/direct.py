@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
-from mbvi.distributions import TanhGaussian
 from mbvi.errors import ConfigError
 from mbvi.models.policy import GaussianHead
-from mbvi.objectives import Objective
 from mbvi.planners.base import InferenceEngine, posterior_metrics
+from mbvi.variational.distributions import TanhGaussian
+from mbvi.variational.objectives import TrajectoryObjective
 
 
 class Direct(InferenceEngine):
@@ -32,12 +32,12 @@ class Direct(InferenceEngine):
         super().build(obs_dim, act_dim)
         self.net = GaussianHead(obs_dim, act_dim, self.hidden)
 
-    def infer(self, s: torch.Tensor, objective: Objective | None = None) -> TanhGaussian:
+    def infer(self, s: torch.Tensor, objective: TrajectoryObjective | None = None) -> TanhGaussian:
         self.check_states(s, self.obs_dim)
         return TanhGaussian(*self.net(s))
 
     def loss(
-        self, s: torch.Tensor, objective: Objective
+        self, s: torch.Tensor, objective: TrajectoryObjective
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         posterior = self.infer(s)
         j, metrics = objective(posterior, self.n_samples)

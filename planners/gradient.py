@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mbvi.distributions import LOG_SCALE_MAX, LOG_SCALE_MIN, TanhGaussian
 from mbvi.errors import ConfigError
-from mbvi.objectives import Objective
 from mbvi.planners._gradient_tools import (
     check_count,
     check_init_options,
@@ -19,7 +17,9 @@ from mbvi.planners._gradient_tools import (
     objective_gradient,
 )
 from mbvi.planners.base import InferenceEngine, posterior_metrics
-from mbvi.priors import Prior
+from mbvi.variational.distributions import LOG_SCALE_MAX, LOG_SCALE_MIN, TanhGaussian
+from mbvi.variational.objectives import TrajectoryObjective
+from mbvi.variational.priors import Prior
 
 
 class GradientRefinement(InferenceEngine):
@@ -68,7 +68,7 @@ class GradientRefinement(InferenceEngine):
         check_prior("GradientRefinement", prior, self.init_loc, self.init_log_scale)
 
     def refine(
-        self, s: torch.Tensor, objective: Objective, init: TanhGaussian | None = None
+        self, s: torch.Tensor, objective: TrajectoryObjective, init: TanhGaussian | None = None
     ) -> TanhGaussian:
         """Run ``steps`` Adam steps from ``init`` (``[B,A]``, e.g. an amortised
         engine's posterior, to measure its amortisation gap) or, when None, from the
@@ -100,12 +100,12 @@ class GradientRefinement(InferenceEngine):
                 log_scale.clamp_(LOG_SCALE_MIN, LOG_SCALE_MAX)
         return TanhGaussian(loc.detach(), log_scale.detach())
 
-    def infer(self, s: torch.Tensor, objective: Objective) -> TanhGaussian:
+    def infer(self, s: torch.Tensor, objective: TrajectoryObjective) -> TanhGaussian:
         """``refine`` from the prior / configured parameters."""
         return self.refine(s, objective)
 
     def loss(
-        self, s: torch.Tensor, objective: Objective
+        self, s: torch.Tensor, objective: TrajectoryObjective
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Nothing to train: a zero loss, plus the metrics of the refined posterior
         (``kl`` [B], ``q`` [B], ``loc`` and ``log_scale`` [B,A], detached) so that an

@@ -6,11 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from mbvi.distributions import LOG_SCALE_MAX, TanhGaussian
 from mbvi.errors import ConfigError
 from mbvi.models.iterative import IterativeUpdate
 from mbvi.models.policy import POLICY_LOG_SCALE_MIN
-from mbvi.objectives import Objective
 from mbvi.planners._gradient_tools import (
     check_count,
     check_init_options,
@@ -19,7 +17,9 @@ from mbvi.planners._gradient_tools import (
     objective_gradient,
 )
 from mbvi.planners.base import InferenceEngine, posterior_metrics
-from mbvi.priors import Prior
+from mbvi.variational.distributions import LOG_SCALE_MAX, TanhGaussian
+from mbvi.variational.objectives import TrajectoryObjective
+from mbvi.variational.priors import Prior
 
 
 def encode_gradient(g: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,7 @@ class Iterative(InferenceEngine):
         check_prior("Iterative", prior, self.init_loc, self.init_log_scale)
 
     def gradient(
-        self, objective: Objective, posterior: TanhGaussian
+        self, objective: TrajectoryObjective, posterior: TanhGaussian
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """g = (∇_loc J̃, ∇_log_scale J̃), each ``[B,A]`` and detached, from
         ``n_samples`` reparameterised actions (the input of Eq. 15)."""
@@ -133,7 +133,7 @@ class Iterative(InferenceEngine):
         return g_loc, g_log_scale
 
     def step(
-        self, s: torch.Tensor, objective: Objective, posterior: TanhGaussian
+        self, s: torch.Tensor, objective: TrajectoryObjective, posterior: TanhGaussian
     ) -> tuple[TanhGaussian, dict[str, torch.Tensor]]:
         """One gated update of Eq. 15 -> (λ_{k+1}, detached mean gates)."""
         loc, log_scale = posterior.loc, posterior.log_scale
@@ -149,7 +149,7 @@ class Iterative(InferenceEngine):
         return TanhGaussian(loc, log_scale), gates
 
     def unroll(
-        self, s: torch.Tensor, objective: Objective
+        self, s: torch.Tensor, objective: TrajectoryObjective
     ) -> tuple[list[TanhGaussian], dict[str, torch.Tensor]]:
         """[λ_0, ..., λ_K] for states ``s`` [B,S] (λ_0 detached), and mean gates."""
         self.check_states(s, self.obs_dim)
@@ -163,7 +163,7 @@ class Iterative(InferenceEngine):
             gates = {k: gates.get(k, 0.0) + v / self.iterations for k, v in gates_k.items()}
         return posteriors, gates
 
-    def infer(self, s: torch.Tensor, objective: Objective) -> TanhGaussian:
+    def infer(self, s: torch.Tensor, objective: TrajectoryObjective) -> TanhGaussian:
         """λ_K for states ``s`` [B,S]; differentiable w.r.t. φ when grad is enabled."""
         posterior = self.unroll(s, objective)[0][-1]
         assert posterior.loc.shape == (s.shape[0], self.act_dim), (
@@ -173,7 +173,7 @@ class Iterative(InferenceEngine):
         return posterior
 
     def loss(
-        self, s: torch.Tensor, objective: Objective
+        self, s: torch.Tensor, objective: TrajectoryObjective
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """−Σ_{k=1..K} J̃(λ_k), averaged over states, each J̃ from ``loss_samples``.
 

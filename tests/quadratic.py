@@ -15,17 +15,17 @@ import math
 
 import torch
 
-from mbvi.distributions import atanh
-from mbvi.objectives import Objective
-from mbvi.priors import ConstantTanhGaussianPrior
+from mbvi.variational.distributions import atanh
+from mbvi.variational.objectives import TrajectoryObjective
+from mbvi.variational.priors import ConstantTanhGaussianPrior
 
 C, ALPHA = 1.0, 1.0
 
 
 def make_objective(
     b: int, obs_dim: int, act_dim: int, dtype=torch.float32
-) -> tuple[Objective, torch.Tensor]:
-    """(Objective over random states [b,S], hidden targets m [b,A] in [-2, 2])."""
+) -> tuple[TrajectoryObjective, torch.Tensor]:
+    """(TrajectoryObjective over random states [b,S], hidden targets m [b,A] in [-2, 2])."""
     s = torch.randn(b, obs_dim, dtype=dtype)
     m = torch.rand(b, act_dim, dtype=dtype) * 4.0 - 2.0
     prior = ConstantTanhGaussianPrior()
@@ -38,7 +38,7 @@ def make_objective(
         rows = (states.unsqueeze(1) == s.unsqueeze(0)).all(-1).float().argmax(1)
         return -0.5 * C * (atanh(a) - m[rows].unsqueeze(-2)).pow(2).sum(-1)
 
-    return Objective(s, value, prior, ALPHA), m
+    return TrajectoryObjective(s, value, prior, ALPHA), m
 
 
 def optimum(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

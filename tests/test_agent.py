@@ -20,14 +20,14 @@ from mbvi import (
     UniformPrior,
     VariationalAgent,
 )
-from mbvi.checkpoints import validate_checkpoint
-from mbvi.components import build_component, component_spec
-from mbvi.env import make_env
 from mbvi.errors import CheckpointError, ConfigError, EnvError
 from mbvi.planners import Direct, GradientRefinement, Iterative
 from mbvi.pyro import ProgramPrior
-from mbvi.rng import capture_rng_state
-from mbvi.rollout import EnvRunner, evaluate
+from mbvi.training.checkpoints import validate_checkpoint
+from mbvi.training.components import build_component, component_spec
+from mbvi.training.env import make_env
+from mbvi.training.rng import capture_rng_state
+from mbvi.training.runner import EnvRunner, evaluate
 from tests.conftest import TINY_AGENT, accelerator, fit_agent
 
 

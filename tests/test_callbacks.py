@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from mbvi.callbacks import DeferredInterrupt
+from mbvi.training.callbacks import DeferredInterrupt
 
 
 def test_first_ctrl_c_waits_for_the_batch_end_and_restores_the_handler():

@@ -13,9 +13,9 @@ from matplotlib.image import imread
 from mlflow import MlflowClient
 
 from mbvi import VariationalAgent, compare
-from mbvi.checkpoints import validate_checkpoint
 from mbvi.cli import main as cli_main
-from mbvi.compare import (
+from mbvi.errors import CheckpointError, ComparisonError
+from mbvi.tracking.compare import (
     GroupSummary,
     align,
     duplicate_seeds,
@@ -27,9 +27,9 @@ from mbvi.compare import (
     summarize,
     truncate,
 )
-from mbvi.errors import CheckpointError, ComparisonError
-from mbvi.figures import improvement_by_group, plot_improvement
-from mbvi.runs import COMPARE_TAG, RunData, load_runs
+from mbvi.tracking.figures import improvement_by_group, plot_improvement
+from mbvi.tracking.runs import COMPARE_TAG, RunData, load_runs
+from mbvi.training.checkpoints import validate_checkpoint
 from tests.conftest import CONFIGS, MBVI, ROOT, cli_env
 
 TINY = str(CONFIGS / "pendulum" / "tiny.yaml")

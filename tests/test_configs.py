@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from mbvi.agent import VariationalAgent
 from mbvi.cli import TRAINER_DEFAULTS, MbviCLI
+from mbvi.training.agent import VariationalAgent
 from tests.conftest import CONFIGS
 
 SHIPPED = sorted(CONFIGS.rglob("*.yaml"))

@@ -14,10 +14,10 @@ import torch
 from mlflow import MlflowClient
 
 from mbvi import MLflowTracker, TwinQ, VariationalAgent
-from mbvi.checkpoints import validate_checkpoint
 from mbvi.cli import main
 from mbvi.planners import Direct
-from mbvi.replay import ReplayBuffer
+from mbvi.training.checkpoints import validate_checkpoint
+from mbvi.training.replay import ReplayBuffer
 from tests.conftest import TINY_AGENT
 from tests.test_configs import CONFIGS, SHIPPED
 

@@ -4,17 +4,17 @@ the improvement per inference iteration (Fig. 2)."""
 import pytest
 import torch
 
-from mbvi.diagnostics import (
+from mbvi.planners import Direct, GradientRefinement, Iterative
+from mbvi.planners.base import InferenceEngine
+from mbvi.variational.diagnostics import (
     amortisation_gap,
     iteration_improvement,
     iteration_values,
     objective_value,
 )
-from mbvi.distributions import TanhGaussian
-from mbvi.objectives import Objective
-from mbvi.planners import Direct, GradientRefinement, Iterative
-from mbvi.planners.base import InferenceEngine
-from mbvi.priors import ConstantTanhGaussianPrior
+from mbvi.variational.distributions import TanhGaussian
+from mbvi.variational.objectives import TrajectoryObjective
+from mbvi.variational.priors import ConstantTanhGaussianPrior
 
 try:  # tests/ imported as a package (tests/__init__.py) or as a plain folder
     from tests.quadratic import exact_j, make_objective
@@ -42,7 +42,7 @@ def setup(engine):
     refiner.build(3, 2)
     s = torch.randn(16, 3)
     # Q = 0 makes the prior the optimum of Eq. 16: J̃ = −α KL(π‖p) is maximal at π = p.
-    objective = Objective(s, lambda s_, a: 0.0 * a.sum(-1), prior, alpha=1.0)
+    objective = TrajectoryObjective(s, lambda s_, a: 0.0 * a.sum(-1), prior, alpha=1.0)
     return refiner, s, objective
 
 

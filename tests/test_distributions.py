@@ -7,8 +7,8 @@ import torch
 from torch.distributions import Normal, TransformedDistribution, kl_divergence
 from torch.distributions.transforms import TanhTransform
 
-from mbvi.distributions import TanhGaussian, atanh, tanh_log_det
-from mbvi.priors import UniformPrior
+from mbvi.variational.distributions import TanhGaussian, atanh, tanh_log_det
+from mbvi.variational.priors import UniformPrior
 
 
 def _dist(b=4, a=3, dtype=torch.float64, seed=0):

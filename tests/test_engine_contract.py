@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from mbvi import LearnedPrior, VariationalAgent
-from mbvi.distributions import TanhGaussian
 from mbvi.errors import ConfigError
-from mbvi.objectives import Objective
 from mbvi.planners import Direct, GradientRefinement, Iterative
-from mbvi.priors import ConstantTanhGaussianPrior, UniformPrior
+from mbvi.variational.distributions import TanhGaussian
+from mbvi.variational.objectives import TrajectoryObjective
+from mbvi.variational.priors import ConstantTanhGaussianPrior, UniformPrior
 from tests.conftest import TINY_AGENT
 
 OBS, ACT, B = 5, 3, 8
@@ -40,7 +40,7 @@ def engine(request):
 def objective_for(request):
     prior = request.param()
     prior.build(OBS, ACT)
-    return lambda s: Objective(s, quadratic_value, prior, alpha=0.1)
+    return lambda s: TrajectoryObjective(s, quadratic_value, prior, alpha=0.1)
 
 
 def test_infer_shapes_bounds_and_inputs_untouched(engine, objective_for):

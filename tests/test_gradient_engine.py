@@ -6,12 +6,12 @@ from functools import partial
 import pytest
 import torch
 
-from mbvi.distributions import TanhGaussian
 from mbvi.errors import ConfigError
-from mbvi.objectives import Objective
 from mbvi.planners import GradientRefinement
-from mbvi.priors import UniformPrior
-from mbvi.values import TwinQ
+from mbvi.variational.distributions import TanhGaussian
+from mbvi.variational.objectives import TrajectoryObjective
+from mbvi.variational.priors import UniformPrior
+from mbvi.variational.values import TwinQ
 
 try:  # tests/ imported as a package (tests/__init__.py) or as a plain folder
     from tests.quadratic import exact_j, make_objective, optimum
@@ -44,7 +44,7 @@ def test_uniform_prior_without_init_params_is_a_config_error():
         _engine().check_prior(prior)
     s = torch.randn(2, S)
     with pytest.raises(ConfigError, match="init_loc and init_log_scale"):
-        _engine().infer(s, Objective(s, lambda s, a: -a.pow(2).sum(-1), prior, 1.0))
+        _engine().infer(s, TrajectoryObjective(s, lambda s, a: -a.pow(2).sum(-1), prior, 1.0))
 
 
 def test_refining_the_optimum_loses_almost_nothing():
@@ -101,8 +101,8 @@ def test_value_parameters_untouched_and_loss_reports_kl():
     prior.build(S, A)
     s = torch.randn(5, S)
     engine = _engine(steps=5, n_samples=8, init_loc=0.0, init_log_scale=0.0)
-    engine.infer(s, Objective(s, q, prior, 0.5))  # an unfrozen value is still untouched
-    loss, metrics = engine.loss(s, Objective(s, partial(q, frozen=True), prior, 0.5))
+    engine.infer(s, TrajectoryObjective(s, q, prior, 0.5))  # an unfrozen value is still untouched
+    loss, metrics = engine.loss(s, TrajectoryObjective(s, partial(q, frozen=True), prior, 0.5))
     assert loss.item() == 0.0 and metrics["kl"].shape == (5,)
     assert all(p.grad is None for p in q.parameters())
     for k, v in q.state_dict().items():

@@ -7,13 +7,13 @@ from functools import partial
 import pytest
 import torch
 
-from mbvi.distributions import TanhGaussian
 from mbvi.errors import ConfigError
-from mbvi.objectives import Objective
 from mbvi.planners import GradientRefinement, Iterative
 from mbvi.planners.iterative import encode_params
-from mbvi.priors import ConstantTanhGaussianPrior, UniformPrior
-from mbvi.values import TwinQ
+from mbvi.variational.distributions import TanhGaussian
+from mbvi.variational.objectives import TrajectoryObjective
+from mbvi.variational.priors import ConstantTanhGaussianPrior, UniformPrior
+from mbvi.variational.values import TwinQ
 
 try:  # tests/ imported as a package (tests/__init__.py) or as a plain folder
     from tests.quadratic import exact_j, make_objective, optimum
@@ -51,7 +51,7 @@ def test_uniform_prior_without_init_params_is_a_config_error():
     prior = UniformPrior()
     prior.build(S, A)
     s = torch.randn(4, S)
-    objective = Objective(s, lambda s, a: -a.pow(2).sum(-1), prior, 1.0)
+    objective = TrajectoryObjective(s, lambda s, a: -a.pow(2).sum(-1), prior, 1.0)
     with pytest.raises(ConfigError, match="init_loc and init_log_scale"):
         _engine().infer(s, objective)
     with pytest.raises(ConfigError, match="init_log_scale") as err:
@@ -135,7 +135,7 @@ def test_non_differentiable_value_is_refused():
     value = torch.no_grad()(lambda s, a: -a.pow(2).sum(-1))
     s = torch.randn(3, S)
     with pytest.raises(ValueError, match="frozen=True"):
-        _engine().infer(s, Objective(s, value, prior, 1.0))
+        _engine().infer(s, TrajectoryObjective(s, value, prior, 1.0))
 
 
 def test_value_parameters_untouched():
@@ -145,8 +145,8 @@ def test_value_parameters_untouched():
     prior.build(S, A)
     s = torch.randn(8, S)
     engine = _engine()
-    engine.infer(s, Objective(s, q, prior, 0.5))  # even an unfrozen value
-    loss, _ = engine.loss(s, Objective(s, partial(q, frozen=True), prior, 0.5))
+    engine.infer(s, TrajectoryObjective(s, q, prior, 0.5))  # even an unfrozen value
+    loss, _ = engine.loss(s, TrajectoryObjective(s, partial(q, frozen=True), prior, 0.5))
     loss.backward()
     assert all(p.grad is None for p in q.parameters())
     assert any(p.grad is not None for p in engine.parameters())
@@ -174,7 +174,7 @@ def test_engine_contract(make_engine, prior_cls):
     prior.build(S, A)
     s = torch.randn(7, S)
     s_copy = s.clone()
-    objective = Objective(s, partial(q, frozen=True), prior, 0.2)
+    objective = TrajectoryObjective(s, partial(q, frozen=True), prior, 0.2)
     outputs = []
     for _ in range(2):
         torch.manual_seed(3)

@@ -4,9 +4,9 @@ import pytest
 import torch
 from lightning.pytorch.loggers import Logger
 
-from mbvi import ConfigError, LearnedPrior, Objective, TwinQ, VariationalAgent
-from mbvi.distributions import TanhGaussian
+from mbvi import ConfigError, LearnedPrior, TrajectoryObjective, TwinQ, VariationalAgent
 from mbvi.planners import Direct
+from mbvi.variational.distributions import TanhGaussian
 from tests.conftest import PENDULUM_THRESHOLD, TINY_AGENT, fit_agent, pendulum_eval_return
 
 OBS, ACT, BATCH = 3, 2, 64
@@ -108,7 +108,7 @@ def test_engine_loss_does_not_reach_the_prior():
     engine = Direct(hidden=(32, 32))
     engine.build(OBS, ACT)
     s = torch.randn(BATCH, OBS)
-    objective = Objective(s, lambda s_, a: -a.pow(2).sum(-1), prior, alpha=0.5)
+    objective = TrajectoryObjective(s, lambda s_, a: -a.pow(2).sum(-1), prior, alpha=0.5)
     loss, _ = engine.loss(s, objective)
     loss.backward()
     assert all(p.grad is not None for p in engine.parameters())

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mbvi.errors import NonFiniteError
-from mbvi.metrics import RunningMeans
-from mbvi.optim import fused_adam
+from mbvi.training.metrics import RunningMeans
+from mbvi.training.optim import fused_adam
 
 
 def test_running_means_average_since_the_last_reset():

@@ -5,9 +5,14 @@ import math
 import pytest
 import torch
 
-from mbvi.distributions import TanhGaussian
-from mbvi.objectives import Objective, alpha_loss, soft_objective, soft_td_target
-from mbvi.priors import ConstantTanhGaussianPrior, UniformPrior
+from mbvi.variational.distributions import TanhGaussian
+from mbvi.variational.objectives import (
+    TrajectoryObjective,
+    alpha_loss,
+    soft_objective,
+    soft_td_target,
+)
+from mbvi.variational.priors import ConstantTanhGaussianPrior, UniformPrior
 
 
 def _posterior(b=3, a=2):
@@ -50,7 +55,7 @@ def test_objective_uses_analytic_kl_for_tanh_gaussian_prior():
     prior = ConstantTanhGaussianPrior(loc=0.2, scale=0.5)
     prior.build(4, 2)
     s = torch.zeros(3, 4)
-    obj = Objective(s, lambda s_, a: a.sum(-1), prior, alpha=0.7)
+    obj = TrajectoryObjective(s, lambda s_, a: a.sum(-1), prior, alpha=0.7)
     torch.manual_seed(1)
     j, m = obj(post, 10)
     torch.manual_seed(1)
@@ -65,7 +70,7 @@ def test_objective_sample_kl_for_uniform_prior():
     prior = UniformPrior()
     prior.build(4, 2)
     s = torch.zeros(3, 4)
-    obj = Objective(s, lambda s_, a: torch.zeros(a.shape[:-1]), prior, alpha=2.0)
+    obj = TrajectoryObjective(s, lambda s_, a: torch.zeros(a.shape[:-1]), prior, alpha=2.0)
     torch.manual_seed(3)
     j, m = obj(post, 5)
     torch.manual_seed(3)
@@ -87,7 +92,7 @@ def test_objective_gradient_matches_finite_differences():
     def j(l):
         torch.manual_seed(0)
         prior_dist = TanhGaussian(torch.zeros_like(l), torch.zeros_like(l))
-        obj = Objective(s, q, prior, 0.1)
+        obj = TrajectoryObjective(s, q, prior, 0.1)
         obj.prior_dist = prior_dist
         return obj(TanhGaussian(l, log_scale), 64)[0].sum()
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from mbvi.optim import adam_step, clear_grads, fused_adam
+from mbvi.training.optim import adam_step, clear_grads, fused_adam
 
 
 def _model_and_optimiser(dtype=torch.float32):

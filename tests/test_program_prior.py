@@ -20,11 +20,11 @@ import yaml
 from mlflow import MlflowClient
 from pyro import poutine
 
-from mbvi.distributions import TanhGaussian
 from mbvi.errors import ConfigError
-from mbvi.objectives import Objective
 from mbvi.pyro import OptimalityModel, ProgramPrior, native_objective
 from mbvi.pyro.prior import import_object
+from mbvi.variational.distributions import TanhGaussian
+from mbvi.variational.objectives import TrajectoryObjective
 from tests.conftest import CONFIGS, MBVI, ROOT, cli_env
 
 S, A, B, N = 3, 4, 5, 7
@@ -124,7 +124,7 @@ def test_objective_uses_the_program_density_as_the_sample_kl():
         return -(a - 0.5).square().sum(-1)
 
     torch.manual_seed(1)
-    j, metrics = Objective(s, value, prior, 0.2)(posterior, N)
+    j, metrics = TrajectoryObjective(s, value, prior, 0.2)(posterior, N)
     torch.manual_seed(1)
     a, u, log_pi = posterior.rsample_with_log_prob(N)
     locs = torch.stack([torch.tensor([1.0, -1.0, 1.0, -1.0]), torch.tensor([-1.0, 1.0, -1.0, 1.0])])

@@ -14,10 +14,10 @@ import pytest
 import torch
 from pyro import poutine
 
-from mbvi.distributions import TanhGaussian
 from mbvi.errors import ConfigError
 from mbvi.planners import Direct
 from mbvi.pyro import OptimalityModel, importance_plan, native_objective
+from mbvi.variational.distributions import TanhGaussian
 
 S, A, B, N, ALPHA = 3, 4, 2, 64, 0.1
 _EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mixture_prior.py"

@@ -1,5 +1,5 @@
 """The Pyro optimality model (Fig. 1a) against its plain-torch twin: α·ELBO equals
-``native_objective`` on the same samples, and for H = 0 equals Eq. 16's ``Objective``."""
+``native_objective`` on the same samples, and for H = 0 equals Eq. 16's ``TrajectoryObjective``."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import pytest
 import torch
 from pyro import poutine
 
-from mbvi.distributions import TanhGaussian
 from mbvi.errors import ConfigError
 from mbvi.models.mlp import mlp
 from mbvi.models.policy import GaussianHead
-from mbvi.objectives import Objective
-from mbvi.priors import ConstantTanhGaussianPrior, LearnedPrior, Prior, UniformPrior
 from mbvi.pyro import ClosedUniform, OptimalityModel, compiled_objective, native_objective
+from mbvi.variational.distributions import TanhGaussian
+from mbvi.variational.objectives import TrajectoryObjective
+from mbvi.variational.priors import ConstantTanhGaussianPrior, LearnedPrior, Prior, UniformPrior
 
 S, A, B, N, ALPHA = 3, 2, 4, 8, 0.3
 
@@ -130,24 +130,24 @@ def test_compiled_objective_matches_native_value_and_gradient(world):
 
 
 def test_h0_native_equals_objective_with_uniform_prior(world):
-    """H = 0 is Eq. 16: with a uniform prior Objective's KL is the same sample estimate."""
+    """H = 0 is Eq. 16: with a uniform prior TrajectoryObjective's KL is the same sample estimate."""
     model = make_model(world, "uniform", horizon=0)
     posterior = world["policy"](world["states"])
     torch.manual_seed(2)
     j_native, _ = native_objective(model, world["states"], posterior=posterior)
     torch.manual_seed(2)
-    j_hot, _ = Objective(world["states"], world["leaf"], model.prior, ALPHA)(posterior, N)
+    j_hot, _ = TrajectoryObjective(world["states"], world["leaf"], model.prior, ALPHA)(posterior, N)
     torch.testing.assert_close(j_native, j_hot)
 
 
 @pytest.mark.parametrize("prior_name", ["tanh_gaussian", "network", "learned"])
 def test_h0_sample_kl_estimates_objectives_analytic_kl(world, prior_name):
-    """With a tanh-Gaussian prior Objective (the agent's hot path) uses the analytic KL;
+    """With a tanh-Gaussian prior TrajectoryObjective (the agent's hot path) uses the analytic KL;
     the ELBO's sample KL has the same E[Q̂] on the same samples and averages to the
     analytic KL."""
     model = make_model(world, prior_name, horizon=0)
     model.n_particles = 4000
-    objective = Objective(world["states"], world["leaf"], model.prior, ALPHA)
+    objective = TrajectoryObjective(world["states"], world["leaf"], model.prior, ALPHA)
     posterior = world["policy"](world["states"])
     torch.manual_seed(3)
     _, native = native_objective(model, world["states"], posterior=posterior)

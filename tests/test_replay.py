@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mbvi.replay import ReplayBuffer
+from mbvi.training.replay import ReplayBuffer
 
 
 def _fill(buf, n, start=0):

@@ -3,7 +3,7 @@ import random
 import numpy as np
 import torch
 
-from mbvi.rng import capture_rng_state, restore_rng_state
+from mbvi.training.rng import capture_rng_state, restore_rng_state
 
 
 def _draw(gen):

@@ -1,10 +1,10 @@
-"""Reading runs back (``mbvi.runs``): the pure parts, resumed runs joined into one sample
+"""Reading runs back (``mbvi.tracking.runs``): the pure parts, resumed runs joined into one sample
 of their seed.  Loading from a real store is tested through ``mbvi compare``
 (``test_compare.py``)."""
 
 import pytest
 
-from mbvi.runs import RunData, iteration_keys, join_resumed, resume_chains
+from mbvi.tracking.runs import RunData, iteration_keys, join_resumed, resume_chains
 
 
 def run_data(curve, duration_s, env_steps=0):

@@ -4,7 +4,7 @@ import multiprocessing
 
 from mlflow import MlflowClient
 
-from mbvi.tracking import MLflowTracker
+from mbvi.tracking.logger import MLflowTracker
 
 
 def _start_run(uri: str, barrier, results) -> None:

@@ -11,7 +11,7 @@ from mbvi.models.q import (
     _ensemble_forward,
     _Scratch,
 )
-from mbvi.values import TwinQ
+from mbvi.variational.values import TwinQ
 
 
 @pytest.fixture(autouse=True)

@@ -24,10 +24,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
-from mbvi.distributions import TanhGaussian
 from mbvi.errors import ConfigError
-from mbvi.objectives import ValueFn
-from mbvi.priors import Prior
 from mbvi.pyro.prior import ProgramPrior
 from mbvi.pyro.sites import (
     ACTION,
@@ -38,6 +35,9 @@ from mbvi.pyro.sites import (
     run_prior_program,
     tanh_normal,
 )
+from mbvi.variational.distributions import TanhGaussian
+from mbvi.variational.objectives import ValueFn
+from mbvi.variational.priors import Prior
 
 Dynamics = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """s_{t+1} = f(s_t [B,N,S], a_t [B,N,A]) -> [B,N,S]; deterministic, or a Pyro program."""

@@ -23,11 +23,11 @@ from collections.abc import Callable
 
 import torch
 
-from mbvi.distributions import TanhGaussian, tanh_log_det
 from mbvi.errors import ConfigError
-from mbvi.priors import Prior
 from mbvi.pyro.model import OptimalityModel, Policy, particle_states, per_particle
 from mbvi.pyro.sites import program_name
+from mbvi.variational.distributions import TanhGaussian, tanh_log_det
+from mbvi.variational.priors import Prior
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 

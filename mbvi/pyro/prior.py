@@ -22,8 +22,8 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from mbvi.errors import ConfigError
-from mbvi.priors import Prior
 from mbvi.pyro.sites import ACTION, PriorProgram, StepSites, run_prior_program
+from mbvi.variational.priors import Prior
 
 _PROBE_STATES, _PROBE_PARTICLES = 2, 3  # distinct sizes, so a swapped plate is caught
 _ACTION_0 = f"{ACTION}_0"  # the action site as StepSites(0) records it

@@ -17,7 +17,7 @@ from torch.distributions import constraints
 from torch.distributions.transforms import TanhTransform
 
 from mbvi.errors import ConfigError
-from mbvi.priors import Prior, UniformPrior
+from mbvi.variational.priors import Prior, UniformPrior
 
 ACTION = "a"
 """Name of the action site in a prior program; step t records it as ``a_t``."""

@@ -1,5 +1,5 @@
 """The per-state variational objective (Eq. 16) and the losses built on it, as pure
-functions of tensors, plus ``Objective``: Eq. 16 closed over one batch of states.
+functions of tensors, plus ``TrajectoryObjective``: Eq. 16 closed over one batch of states.
 
 Shapes: B states, N action samples, A action dims.
 """
@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from mbvi.distributions import TanhGaussian
-from mbvi.priors import Prior
+from mbvi.variational.distributions import TanhGaussian
+from mbvi.variational.priors import Prior
 
 ValueFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """value(s [B,S], a [B,N,A]) -> Q̂ [B,N]."""
@@ -44,7 +44,7 @@ def alpha_loss(log_alpha: torch.Tensor, kl: torch.Tensor, kl_target: float) -> t
     return (log_alpha * (kl_target - kl.detach())).mean()
 
 
-class Objective:
+class TrajectoryObjective:
     """J̃(s, π) = E_{a~π}[Q̂(s,a)] − α KL(π(·|s,O) ‖ p_θ(·|s))  (Eq. 16) for fixed states.
 
     Args:
@@ -61,7 +61,7 @@ class Objective:
         # Set once a gradient engine has checked that Q̂ is differentiable in actions.
         self._value_differentiable = False
 
-    def subset(self, rows: slice) -> Objective:
+    def subset(self, rows: slice) -> TrajectoryObjective:
         """The same objective restricted to the states ``rows`` (the prior's tanh-Gaussian
         is sliced, not recomputed)."""
         part = copy.copy(self)

@@ -12,8 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mbvi.compare import align, group_runs, improvement, label  # noqa: E402
-from mbvi.runs import RunData  # noqa: E402
+from mbvi.tracking.compare import align, group_runs, improvement, label  # noqa: E402
+from mbvi.tracking.runs import RunData  # noqa: E402
 
 
 def improvement_by_group(

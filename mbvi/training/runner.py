@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mbvi.env import ActionScaler, make_env
 from mbvi.errors import NonFiniteError
+from mbvi.training.env import ActionScaler, make_env
 
 Policy = Callable[[np.ndarray], np.ndarray]
 

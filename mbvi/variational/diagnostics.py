@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from mbvi.distributions import TanhGaussian
-from mbvi.objectives import Objective
 from mbvi.planners.base import InferenceEngine
 from mbvi.planners.gradient import GradientRefinement
+from mbvi.variational.distributions import TanhGaussian
+from mbvi.variational.objectives import TrajectoryObjective
 
 
 def objective_value(
-    objective: Objective, posterior: TanhGaussian, n_samples: int, seed: int = 0
+    objective: TrajectoryObjective, posterior: TanhGaussian, n_samples: int, seed: int = 0
 ) -> torch.Tensor:
     """J̃ (Eq. 16) per state ``[B]`` with fixed noise, so that two posteriors are
     compared on the same draws (common random numbers)."""
@@ -26,7 +26,7 @@ def amortisation_gap(
     engine: InferenceEngine,
     refiner: GradientRefinement,
     s: torch.Tensor,
-    objective: Objective,
+    objective: TrajectoryObjective,
     n_eval: int = 256,
 ) -> dict[str, float]:
     """J̃ after per-state gradient refinement minus J̃ of the engine's estimate, on the
@@ -60,7 +60,7 @@ def check_iterative(engine: InferenceEngine) -> None:
 def iteration_values(
     engine: InferenceEngine,
     s: torch.Tensor,
-    objective: Objective,
+    objective: TrajectoryObjective,
     n_eval: int = 64,
     seed: int = 0,
     batch: int = 256,

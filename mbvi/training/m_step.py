@@ -10,12 +10,12 @@ from functools import partial
 
 import torch
 
-from mbvi.distributions import TanhGaussian
 from mbvi.errors import ConfigError
-from mbvi.objectives import Objective, alpha_loss, soft_td_target
 from mbvi.planners.base import InferenceEngine
-from mbvi.priors import Prior
-from mbvi.values import ValueEstimate
+from mbvi.variational.distributions import TanhGaussian
+from mbvi.variational.objectives import TrajectoryObjective, alpha_loss, soft_td_target
+from mbvi.variational.priors import Prior
+from mbvi.variational.values import ValueEstimate
 
 
 def m_step_losses(
@@ -43,13 +43,13 @@ def m_step_losses(
 
     # Value: soft TD target with the posterior at s' (Eq. 9-10), target critics.
     with torch.no_grad():  # engines that need ∇λJ̃ enable gradients for themselves
-        next_objective = Objective(s2, value.target, prior, alpha)
+        next_objective = TrajectoryObjective(s2, value.target, prior, alpha)
         next_v, _ = next_objective(engine.infer(s2, next_objective), 1)
         y = soft_td_target(r, term, next_v, gamma)
     value_loss, value_metrics = value.loss(s, a, y)
 
     # Engine: maximise J̃ (Eq. 16) against the value with its parameters frozen.
-    objective = Objective(s, partial(value, frozen=True), prior, alpha)
+    objective = TrajectoryObjective(s, partial(value, frozen=True), prior, alpha)
     engine_loss, engine_metrics = engine.loss(s, objective)
 
     # The engine's metrics carry KL(π‖p) [B] and, for a learned prior, the posterior

@@ -17,7 +17,7 @@ from mbvi.errors import ComparisonError, TrackingError
 Curve = dict[int, float]
 """A metric's history: env step -> value."""
 GROUP_PARAMS = ("engine", "prior", "value", "env_id")
-COMPARE_TAG = "mbvi.compare"
+COMPARE_TAG = "mbvi.tracking.compare"
 SPEED = "perf/env_steps_per_s"
 J_ITER = "engine/j_iter_"
 
@@ -127,7 +127,7 @@ def load_runs(client, experiment: str, metric: str) -> tuple[str, list[RunData]]
             f"experiment {experiment!r} not found; existing experiments: "
             f"{', '.join(map(repr, names)) or 'none'}. Pass one with --experiment."
         )
-    from mbvi.tracking import RESUMED_FROM_TAG
+    from mbvi.tracking.logger import RESUMED_FROM_TAG
 
     found = client.search_runs([exp.experiment_id], max_results=50_000)
     by_id = {r.info.run_id: r for r in found if COMPARE_TAG not in r.data.tags}

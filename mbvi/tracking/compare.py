@@ -13,7 +13,7 @@ step), mean ± std over seeds (population std, 0 for one seed); the env steps re
 (the group's smallest last step); the wall-clock (mean run duration); steps/s (mean over
 seeds of each run's env steps reached divided by its duration: warm-up, evaluation and
 start-up included, what a researcher waits for).  Figures
-(``mbvi.figures``) written to ``--output``: ``<experiment>_returns.png`` (Fig. 3b; for
+(``mbvi.tracking.figures``) written to ``--output``: ``<experiment>_returns.png`` (Fig. 3b; for
 another ``--metric``, ``<experiment>_<metric with / as _>.png``) and,
 when a run logged ``engine/j_iter_k``, ``<experiment>_inference_improvement.png`` (Fig. 2).
 
@@ -23,9 +23,9 @@ how runs with different budgets are compared (e.g. direct SAC trained for 100k s
 against iterative SAC trained for 50k).  Wall-clock and steps/s stay whole-run figures.
 
 Figures, table (``compare.txt``) and ``summary.json`` are logged as artifacts of a new
-run named ``compare`` in the same experiment, tagged ``mbvi.compare`` (later compares
+run named ``compare`` in the same experiment, tagged ``mbvi.tracking.compare`` (later compares
 skip it): the comparison belongs to the set of runs, so the compared runs stay untouched.
-Runs are read and resumed runs joined by ``mbvi.runs``; the aggregation here is pure
+Runs are read and resumed runs joined by ``mbvi.tracking.runs``; the aggregation here is pure
 functions of plain data (``RunData``), testable without MLflow.
 """
 
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from mbvi.errors import ComparisonError, MbviError
-from mbvi.runs import COMPARE_TAG, Curve, RunData, load_runs, open_store
+from mbvi.tracking.runs import COMPARE_TAG, Curve, RunData, load_runs, open_store
 
 
 @dataclass
@@ -216,7 +216,7 @@ def compare(
     at_step: int | None = None,
 ) -> list[GroupSummary]:
     """Print the table, write the figures and log them; returns the table's rows."""
-    from mbvi.tracking import resolve_tracking_uri
+    from mbvi.tracking.logger import resolve_tracking_uri
 
     client = open_store(resolve_tracking_uri(tracking_uri))
     experiment_id, runs = load_runs(client, experiment, metric)
@@ -240,7 +240,7 @@ def compare(
                 "than one run; each run counts as one sample",
                 file=sys.stderr,
             )
-    from mbvi.figures import plot_curves, plot_improvement  # matplotlib only when plotting
+    from mbvi.tracking.figures import plot_curves, plot_improvement  # matplotlib only when plotting
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

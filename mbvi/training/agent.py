@@ -23,24 +23,24 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from mbvi.callbacks import DeferredInterrupt, EnvStepCheckpoint, EnvStepProgress
-from mbvi.checkpoints import agent_state, load_agent_state
-from mbvi.checks import check_schedule, kl_target_per_dim
-from mbvi.components import build_component, component_params, component_spec
-from mbvi.diagnostics import amortisation_gap
 from mbvi.errors import NonFiniteError
-from mbvi.m_step import m_step_losses
-from mbvi.metrics import RunningMeans
-from mbvi.objectives import Objective
-from mbvi.optim import adam_step, clear_grads, fused_adam
 from mbvi.planners.base import InferenceEngine
 from mbvi.planners.direct import Direct
 from mbvi.planners.gradient import GradientRefinement
-from mbvi.priors import Prior, UniformPrior
-from mbvi.replay import ReplayBuffer
-from mbvi.rng import capture_rng_state, restore_rng_state, side_stream
-from mbvi.rollout import EnvRunner, evaluate
-from mbvi.values import TwinQ, ValueEstimate
+from mbvi.training.callbacks import DeferredInterrupt, EnvStepCheckpoint, EnvStepProgress
+from mbvi.training.checkpoints import agent_state, load_agent_state
+from mbvi.training.checks import check_schedule, kl_target_per_dim
+from mbvi.training.components import build_component, component_params, component_spec
+from mbvi.training.m_step import m_step_losses
+from mbvi.training.metrics import RunningMeans
+from mbvi.training.optim import adam_step, clear_grads, fused_adam
+from mbvi.training.replay import ReplayBuffer
+from mbvi.training.rng import capture_rng_state, restore_rng_state, side_stream
+from mbvi.training.runner import EnvRunner, evaluate
+from mbvi.variational.diagnostics import amortisation_gap
+from mbvi.variational.objectives import TrajectoryObjective
+from mbvi.variational.priors import Prior, UniformPrior
+from mbvi.variational.values import TwinQ, ValueEstimate
 
 ENV_STEPS_PER_BATCH = 8
 """Env steps per Lightning batch (``VariationalAgent.training_step``)."""
@@ -266,7 +266,9 @@ class VariationalAgent(L.LightningModule):
     def _policy(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         s = torch.as_tensor(obs, dtype=torch.float32, device=self.device).unsqueeze(0)
         with torch.no_grad():
-            objective = Objective(s, partial(self.value, frozen=True), self.prior, self.alpha)
+            objective = TrajectoryObjective(
+                s, partial(self.value, frozen=True), self.prior, self.alpha
+            )
             posterior = self.engine.infer(s, objective)
             a = posterior.mean_action() if deterministic else posterior.rsample(1)[0][:, 0]
         action = a[0].cpu().numpy()
@@ -292,7 +294,7 @@ class VariationalAgent(L.LightningModule):
 
     def update(self, s, a, r, s2, term) -> dict[str, torch.Tensor]:
         """One M-step on a replay batch ``s`` [B,S], ``a`` [B,A], ``r`` [B], ``s2``, ``term``:
-        the sum of ``mbvi.m_step.m_step_losses`` minimised in one backward pass and one
+        the sum of ``mbvi.training.m_step.m_step_losses`` minimised in one backward pass and one
         Adam step, then the targets' averaging.  Returns detached metric tensors (no
         host sync on the hot path)."""
         # The raw torch optimizer: Lightning's wrapper adds closure and hook calls per step
@@ -344,7 +346,7 @@ class VariationalAgent(L.LightningModule):
     def run_evaluation(self) -> float:
         """Mean return of ``eval_episodes`` mean-action episodes; logged as eval/return.
 
-        Runs on a side stream (``mbvi.rng.side_stream``): engines that sample while
+        Runs on a side stream (``mbvi.training.rng.side_stream``): engines that sample while
         inferring (Iterative's ∇λJ̃) neither shift training's random numbers (so
         ``eval_every`` cannot change a run) nor depend on them."""
         policy = partial(self._policy, deterministic=True)
@@ -364,12 +366,14 @@ class VariationalAgent(L.LightningModule):
             self._refiner.build(self.runner.obs_dim, self.runner.act_dim)
         with side_stream(self.hparams.seed + self.env_steps, self.device) as generator:
             s = self.buffer.sample(self.hparams.gap_states, generator)[0]
-            objective = Objective(s, partial(self.value, frozen=True), self.prior, self.alpha)
+            objective = TrajectoryObjective(
+                s, partial(self.value, frozen=True), self.prior, self.alpha
+            )
             metrics = amortisation_gap(self.engine, self._refiner, s, objective)
         self._log(metrics)
         return metrics
 
-    # ---- checkpoint state beyond the state_dict (see mbvi.checkpoints) ------------
+    # ---- checkpoint state beyond the state_dict (see mbvi.training.checkpoints) ------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mbvi"] = agent_state(self, capture_rng_state(self._rng))
 

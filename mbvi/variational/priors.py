@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mbvi.distributions import TanhGaussian
 from mbvi.errors import ConfigError
 from mbvi.models.prior_net import PriorNet
+from mbvi.variational.distributions import TanhGaussian
 
 _LOG_2 = math.log(2.0)
 

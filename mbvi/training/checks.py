@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from mbvi.errors import ConfigError
-from mbvi.priors import Prior
+from mbvi.variational.priors import Prior
 
 
 def check_schedule(args: dict) -> None:
