@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mbvi.variational.distributions import TanhGaussian
+from mbvi.variational.distributions import Posterior, TanhGaussian
 from mbvi.variational.objectives import TrajectoryObjective
 
 
@@ -43,12 +43,18 @@ class InferenceEngine(nn.Module):
         """Raise ``ConfigError`` at configuration time if this engine cannot start from
         ``prior`` (called by the agent once everything is built)."""
 
-    def infer(self, s: torch.Tensor, objective: TrajectoryObjective) -> TanhGaussian:
-        """Approximate posterior for states ``s`` [B,S].  Must work under the caller's
-        ``torch.no_grad`` (the agent acts and builds TD targets that way): an engine
-        that differentiates the objective enables gradients for itself, as
-        ``_gradient_tools.objective_gradient`` does."""
+    def infer(self, s: torch.Tensor, objective: TrajectoryObjective) -> Posterior:
+        """Approximate posterior for states ``s`` [B,S] (a ``Posterior`` over [B, A]:
+        a tanh-Gaussian for parametric engines, weighted particles for planners).
+        Must work under the caller's ``torch.no_grad`` (the agent acts and builds TD
+        targets that way): an engine that differentiates the objective enables
+        gradients for itself, as ``_gradient_tools.objective_gradient`` does."""
         raise NotImplementedError
+
+    def forward(self, s: torch.Tensor, objective: TrajectoryObjective | None = None) -> Posterior:
+        """``infer``: so that ``torch.func.functional_call`` can run the engine with
+        detached parameters (a model-based value's future policy)."""
+        return self.infer(s, objective)
 
     def loss(
         self, s: torch.Tensor, objective: TrajectoryObjective

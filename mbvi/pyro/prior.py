@@ -175,6 +175,17 @@ class ProgramPrior(Prior):
             site = poutine.trace(model).get_trace(s).nodes[ACTION]
             return site["fn"].log_prob(site["value"])
 
+    def sample(self, s: torch.Tensor, n: int) -> torch.Tensor:
+        """n actions per state from the program's site ``a``: states [B,S] -> [B,n,A]."""
+        b = s.shape[0]
+
+        def model(s):
+            with pyro.plate("states", b, dim=-2), pyro.plate("particles", n, dim=-1):
+                self.pyro_program(s)
+
+        with pyro.validation_enabled(False):
+            return poutine.trace(model).get_trace(s.unsqueeze(1)).nodes[ACTION]["value"]
+
     def default_kl_target(self) -> float:
         # SAC's per-dimension budget, as for ConstantTanhGaussianPrior: the posterior may
         # move about as far from the program's prior as SAC's policy moves from the

@@ -5,8 +5,11 @@ Each environment step is followed by ``updates_per_step`` EM updates (a Lightnin
 
     E-step   act: a ~ π(a|s,O) from the inference engine (Algorithm 1 lines 6-8)
     M-step   value: soft TD regression of Q̂ (Eq. 9-10)
-             engine: maximise J̃ (Eq. 16) w.r.t. the inference network
+             engine: maximise J̃ (Eq. 16; Eq. 6-7 over H model steps when the value
+                     is model-based) w.r.t. the inference network
              α: keep KL(π‖p) at its target
+             model (model-based values, every ``model_every`` env steps): refit the
+                     world model to the replay buffer
 
 The budget is counted in environment steps (``env_steps``), never in
 ``trainer.global_step``, which counts optimizer steps.
@@ -33,6 +36,7 @@ from mbvi.training.checks import check_schedule, kl_target_per_dim
 from mbvi.training.components import build_component, component_params, component_spec
 from mbvi.training.m_step import m_step_losses
 from mbvi.training.metrics import RunningMeans
+from mbvi.training.model_error import open_loop_errors
 from mbvi.training.optim import adam_step, clear_grads, fused_adam
 from mbvi.training.replay import ReplayBuffer
 from mbvi.training.rng import capture_rng_state, restore_rng_state, side_stream
@@ -90,6 +94,8 @@ class VariationalAgent(L.LightningModule):
             per-state gradient refinement minus J̃ of the engine, logged as
             ``inference/amortisation_gap``); 0 turns it off.
         gap_states: replay states the gap is measured on.
+        model_every: env steps between refits of a model-based value's world model
+            (the first refit comes when warm-up ends, before the first update).
         compile: run each update's losses (forward and backward) through
             ``torch.compile``.  The first update compiles for about 10-30 s (less
             once inductor's on-disk cache holds the graphs); SAC updates then run
@@ -128,6 +134,7 @@ class VariationalAgent(L.LightningModule):
         progress_refresh_s: float = 1.0,
         gap_every: int = 0,
         gap_states: int = 64,
+        model_every: int = 250,
         compile: bool = False,
     ):
         super().__init__()
@@ -147,9 +154,11 @@ class VariationalAgent(L.LightningModule):
         self.save_hyperparameters(ignore=["prior", "engine", "value"])
         for name in ("prior", "engine", "value"):
             self.hparams[name] = component_spec(getattr(self, name))
-        for part in (self.prior, self.engine, self.value):
-            part.build(obs_dim, act_dim)
+        self.prior.build(obs_dim, act_dim)
+        self.engine.build(obs_dim, act_dim)
+        self.value.build(obs_dim, act_dim, env=self.runner.env)
         self.engine.check_prior(self.prior)
+        self.value.bind(self.prior, self.engine, lambda: self.alpha, gamma)
         self.log_alpha = torch.nn.Parameter(torch.tensor(math.log(init_alpha)))
         self.kl_target = kl_target_per_dim(self.prior, target_kl_per_dim) * act_dim
 
@@ -188,7 +197,7 @@ class VariationalAgent(L.LightningModule):
         hp = self.hparams
         return fused_adam(
             [
-                ([p for p in self.value.parameters() if p.requires_grad], hp.value_lr),
+                (self.value.td_parameters(), hp.value_lr),
                 ([p for p in self.engine.parameters() if p.requires_grad], hp.engine_lr),
                 ([self.log_alpha], hp.alpha_lr if hp.autotune_alpha else 0.0),
                 ([p for p in self.prior.parameters() if p.requires_grad], hp.prior_lr),
@@ -253,6 +262,8 @@ class VariationalAgent(L.LightningModule):
     def _env_step(self) -> None:
         hp = self.hparams
         self._act_and_store()
+        if self.value.world_model is not None and self._model_due():
+            self.fit_world_model()
         if self.env_steps > hp.warmup_steps and len(self.buffer) >= hp.batch_size:
             for _ in range(hp.updates_per_step):
                 self._metrics.add(self.update(*self.buffer.sample(hp.batch_size)))
@@ -263,14 +274,39 @@ class VariationalAgent(L.LightningModule):
         if hp.gap_every and self.env_steps % hp.gap_every == 0 and self.env_steps > hp.warmup_steps:
             self.measure_amortisation_gap()
 
+    def _model_due(self) -> bool:
+        """A refit at the end of warm-up (before the first update) and every
+        ``model_every`` env steps after it."""
+        hp, n = self.hparams, self.env_steps
+        return n >= hp.warmup_steps and (n == hp.warmup_steps or n % hp.model_every == 0)
+
+    def fit_world_model(self) -> dict[str, float]:
+        """Refit the value's world model on the replay buffer and log its metrics
+        (``model/train_nll``, ``model/holdout_nll``, ``model/holdout_mse``,
+        ``model/rollout_mse_h1|5|10``), stepped by env steps."""
+        model = self.value.world_model
+        metrics = self.value.update_model(self.buffer, self.env_steps)
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteError(
+                f"the world model ({type(model).__name__}) of {type(self.value).__name__} "
+                f"has a non-finite {bad[0]} at env step {self.env_steps}; training stopped "
+                "and the last good checkpoint is kept. Try a lower model_lr."
+            )
+        metrics.update(open_loop_errors(model, self.buffer, (1, 5, 10)))
+        self._log(metrics)
+        return metrics
+
+    def objective(self, s: torch.Tensor) -> TrajectoryObjective:
+        """J̃ at states ``s`` [B,S] against the value with frozen parameters: what
+        acting and inference maximise."""
+        return TrajectoryObjective(s, partial(self.value, frozen=True), self.prior, self.alpha)
+
     def _policy(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
         s = torch.as_tensor(obs, dtype=torch.float32, device=self.device).unsqueeze(0)
         with torch.no_grad():
-            objective = TrajectoryObjective(
-                s, partial(self.value, frozen=True), self.prior, self.alpha
-            )
-            posterior = self.engine.infer(s, objective)
-            a = posterior.mean_action() if deterministic else posterior.rsample(1)[0][:, 0]
+            posterior = self.engine.infer(s, self.objective(s))
+            a = posterior.mean_action() if deterministic else posterior.sample(1)[:, 0]
         action = a[0].cpu().numpy()
         if not np.isfinite(action).all():
             self._metrics.means(self.env_steps)  # names a loss that went non-finite
@@ -366,10 +402,7 @@ class VariationalAgent(L.LightningModule):
             self._refiner.build(self.runner.obs_dim, self.runner.act_dim)
         with side_stream(self.hparams.seed + self.env_steps, self.device) as generator:
             s = self.buffer.sample(self.hparams.gap_states, generator)[0]
-            objective = TrajectoryObjective(
-                s, partial(self.value, frozen=True), self.prior, self.alpha
-            )
-            metrics = amortisation_gap(self.engine, self._refiner, s, objective)
+            metrics = amortisation_gap(self.engine, self._refiner, s, self.objective(s))
         self._log(metrics)
         return metrics
 

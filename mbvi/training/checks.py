@@ -11,7 +11,8 @@ def check_schedule(args: dict) -> None:
     """ConfigError for counts and rates that would crash a run or make it train nothing;
     ``args`` holds the agent's constructor arguments by name."""
     for name in ("total_env_steps", "batch_size", "updates_per_step", "buffer_size",
-                 "eval_every", "eval_episodes", "log_every", "checkpoint_every"):  # fmt: skip
+                 "eval_every", "eval_episodes", "log_every", "checkpoint_every",
+                 "model_every"):  # fmt: skip
         if args[name] < 1:
             raise ConfigError(f"{name} must be >= 1, got {args[name]}")
     for name in ("value_lr", "engine_lr", "alpha_lr", "prior_lr"):

@@ -30,9 +30,16 @@ def _init_args(module: torch.nn.Module) -> tuple[dict[str, object], list[str]]:
 
 
 def component_params(name: str, module: torch.nn.Module) -> dict[str, object]:
-    """``{name: class name, name.arg: value}`` for a component's constructor arguments."""
+    """``{name: class name, name.arg: value}`` for a component's constructor arguments;
+    a component inside a component (a value's world model) adds ``name.arg.*``."""
     args, _ = _init_args(module)
-    return {name: type(module).__name__, **{f"{name}.{k}": v for k, v in args.items()}}
+    params: dict[str, object] = {name: type(module).__name__}
+    for k, v in args.items():
+        if isinstance(v, torch.nn.Module):
+            params.update(component_params(f"{name}.{k}", v))
+        else:
+            params[f"{name}.{k}"] = v
+    return params
 
 
 def component_spec(module: torch.nn.Module) -> dict[str, object]:
@@ -49,8 +56,14 @@ def component_spec(module: torch.nn.Module) -> dict[str, object]:
             f"{cls.__name__} keeps no attribute for its argument(s) {', '.join(missing)}: "
             "store each constructor argument as self.<name> so checkpoints can rebuild it"
         )
-    args = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
+    args = {k: _spec_value(v) for k, v in args.items()}
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
+
+
+def _spec_value(v: object) -> object:
+    if isinstance(v, torch.nn.Module):
+        return component_spec(v)
+    return list(v) if isinstance(v, tuple) else v
 
 
 def build_component(spec: torch.nn.Module | dict | None) -> torch.nn.Module | None:
@@ -59,4 +72,8 @@ def build_component(spec: torch.nn.Module | dict | None) -> torch.nn.Module | No
         return spec
     module_name, _, name = spec["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), name)
-    return cls(**spec.get("init_args", {}))
+    args = {
+        k: build_component(v) if isinstance(v, dict) and "class_path" in v else v
+        for k, v in spec.get("init_args", {}).items()
+    }
+    return cls(**args)

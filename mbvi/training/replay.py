@@ -67,6 +67,12 @@ class ReplayBuffer:
         start = self.pos if self.size == self.capacity else 0
         return (torch.arange(self.size, device=self.device) + start) % self.capacity
 
+    def transitions(self) -> tuple[torch.Tensor, ...]:
+        """Every stored transition, oldest first: (obs, act, rew, next_obs, term), the
+        same shapes as ``sample``'s.  Consecutive rows follow each other in the env
+        unless an episode ended between them."""
+        return self._fields(self.rows[self._chronological()])
+
     def state_dict(self) -> dict:
         """The stored transitions, oldest first (only the filled part, so a checkpoint
         early in training stays small and a resumed run may change the capacity)."""

@@ -1,8 +1,9 @@
-"""The tanh-Gaussian (paper Eq. 13-14) used by parametric posteriors and priors.
+"""The posterior contract, and the tanh-Gaussian (paper Eq. 13-14) that parametric
+posteriors and priors use.
 
-Shapes: ``loc`` and ``log_scale`` are ``[B, A]``; samples are ``[B, N, A]``; log-probs
-``[B, N]``.  Everything is plain torch so the hot path never pays for
-``torch.distributions`` argument validation.
+Shapes: B states, N samples, A action dims; ``loc`` and ``log_scale`` are ``[B, A]``;
+samples are ``[B, N, A]``; log-probs ``[B, N]``.  Everything is plain torch so the hot
+path never pays for ``torch.distributions`` argument validation.
 """
 
 from __future__ import annotations
@@ -43,7 +44,42 @@ def atanh(a: torch.Tensor) -> torch.Tensor:
     return 0.5 * (torch.log1p(a) - torch.log1p(-a))
 
 
-class TanhGaussian:
+class Posterior:
+    """What every approximate posterior π(a|s,O) over [-1, 1]^A offers, for B states.
+
+    The agent acts, evaluates and builds TD targets through these methods only, so a
+    non-parametric posterior (weighted particles) serves wherever a tanh-Gaussian does.
+    """
+
+    reparameterised: bool = False
+    """True when ``sample`` is differentiable in the posterior's parameters."""
+
+    @property
+    def action_dim(self) -> int:
+        raise NotImplementedError
+
+    def sample(self, n: int) -> torch.Tensor:
+        """n actions per state, ``[B, n, A]``."""
+        raise NotImplementedError
+
+    def log_prob(self, a: torch.Tensor) -> torch.Tensor:
+        """log π(a|s,O) for actions ``a`` [B,N,A] -> [B,N]."""
+        raise NotImplementedError(f"{type(self).__name__} has no density")
+
+    def mean_action(self) -> torch.Tensor:
+        """The action used in evaluation, ``[B, A]``."""
+        raise NotImplementedError
+
+    def kl(self, other: TanhGaussian) -> torch.Tensor:
+        """KL(self ‖ other) in closed form, ``[B]``; NotImplementedError where none
+        exists (callers then estimate it from samples)."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form KL")
+
+    def detach(self) -> Posterior:
+        return self
+
+
+class TanhGaussian(Posterior):
     """a = tanh(u), u ~ N(loc, diag(exp(log_scale)^2))  (Eq. 13-14).
 
     Args:
@@ -82,6 +118,12 @@ class TanhGaussian:
         """(a, u) = (tanh(u), loc + σ ε) for standard-normal ``eps`` [B,N,A]."""
         u = self.loc.unsqueeze(-2) + self.log_scale.exp().unsqueeze(-2) * eps
         return torch.tanh(u), u
+
+    reparameterised = True
+
+    def sample(self, n: int) -> torch.Tensor:
+        """n reparameterised actions per state, ``[B, n, A]``."""
+        return self.rsample(n)[0]
 
     def rsample(self, n: int, antithetic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparameterised samples: returns (a, u), both ``[B, n, A]``."""

@@ -1,7 +1,13 @@
-"""The per-state variational objective (Eq. 16) and the losses built on it, as pure
-functions of tensors, plus ``TrajectoryObjective``: Eq. 16 closed over one batch of states.
+"""The variational objective over trajectories (Eq. 6-7 truncated at H, Eq. 16 at
+H = 0) and the losses built on it, as pure functions of tensors, plus
+``TrajectoryObjective``: the objective closed over one batch of states.
 
-Shapes: B states, N action samples, A action dims.
+One definition serves every user: ``trajectory_return`` scores imagined trajectories
+(``mbvi.variational.rollouts``) for the model-based value, the planners and the Pyro
+check; ``TrajectoryObjective`` is J̃(s, π) = E_π[Q̂_H(s, a)] − α KL_0, whose Q̂_H is
+a model-free critic (H = 0: Eq. 16 exactly) or ``ModelBasedValue``'s H-step return.
+
+Shapes: H horizon, B states, N action samples, A action dims.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from mbvi.variational.distributions import TanhGaussian
+from mbvi.variational.distributions import Posterior, TanhGaussian, atanh
 from mbvi.variational.priors import Prior
 
 ValueFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -34,6 +40,69 @@ def soft_td_target(
     return reward + gamma * (1.0 - terminated) * next_v
 
 
+def trajectory_return(
+    rewards: torch.Tensor,
+    kl: torch.Tensor,
+    alive: torch.Tensor,
+    values: torch.Tensor,
+    alpha: torch.Tensor | float,
+    gamma: float,
+    lam: float = 1.0,
+) -> torch.Tensor:
+    """The soft return of H-step trajectories (Eq. 6-7 with a leaf value), ``[B,N]``:
+
+        G = Σ_{t<H} γ^t m_t (r_t − α KL_t) + γ^H m_H (V_H − α KL_H)
+
+    Args:
+        rewards: r_t, ``[H,B,N]``.
+        kl: KL_t of the step-t policy to the prior (a closed form or log π/p of the
+            sample), ``[H+1,B,N]``; 0 where the action was given (a_0 of Q̂(s, a_0)).
+        alive: m_t, the probability that no termination came before step t,
+            ``[H+1,B,N]`` (m_0 = 1): a termination stops the sum.
+        values: the leaf value Q̂(s_h, a_h), ``[B,N]`` for h = H only, or
+            ``[H+1,B,N]`` for every h (needed when ``lam`` < 1).
+        alpha: temperature α.
+        gamma: discount γ.
+        lam: λ of the λ-return over horizons 1..H: G^λ = (1−λ) Σ_{h<H} λ^{h−1} G^(h)
+            + λ^{H−1} G^(H), with G^(h) the return truncated at h with the value at
+            s_h; λ = 1 gives G = G^(H).
+    """
+    horizon = rewards.shape[0]
+    steps = torch.arange(horizon + 1, dtype=alive.dtype, device=alive.device)
+    discount = (gamma**steps)[:, None, None] * alive  # γ^t m_t, [H+1,B,N]
+    step_terms = discount[:-1] * (rewards - alpha * kl[:-1])  # [H,B,N]
+    if lam == 1.0 or horizon == 0:
+        leaf = values if values.dim() == 2 else values[-1]
+        return step_terms.sum(0) + discount[-1] * (leaf - alpha * kl[-1])
+    if values.dim() != 3:
+        raise ValueError("a λ-return (lam < 1) needs the value at every step, [H+1,B,N]")
+    # Truncated returns G^(h), h = 1..H: the terms before h plus the value at s_h.
+    g = torch.cumsum(step_terms, 0) + discount[1:] * (values[1:] - alpha * kl[1:])
+    weights = (1.0 - lam) * lam ** steps[:-1]
+    weights[-1] = lam ** (horizon - 1)
+    return (weights[:, None, None] * g).sum(0)
+
+
+def policy_kl(
+    posterior: Posterior,
+    prior: Prior,
+    s: torch.Tensor,
+    a: torch.Tensor,
+    prior_dist: TanhGaussian | None = None,
+) -> torch.Tensor:
+    """KL(π(·|s) ‖ p_θ(·|s)) per state ``[B]``: in closed form when both are
+    tanh-Gaussians, else the mean over the samples ``a`` [B,N,A] of log π(a) − log p(a)."""
+    if prior_dist is None:
+        prior_dist = prior.distribution(s)
+    if prior_dist is not None:
+        try:
+            return posterior.kl(prior_dist)
+        except NotImplementedError:
+            pass
+    log_p = prior.log_prob(s, a, atanh(a))
+    return (posterior.log_prob(a) - log_p).mean(-1)
+
+
 def alpha_loss(log_alpha: torch.Tensor, kl: torch.Tensor, kl_target: float) -> torch.Tensor:
     """Temperature loss log α · (KL* − KL̂): gradient descent raises α while the
     posterior's KL to the prior exceeds the target KL*, and lowers it otherwise.
@@ -45,7 +114,9 @@ def alpha_loss(log_alpha: torch.Tensor, kl: torch.Tensor, kl_target: float) -> t
 
 
 class TrajectoryObjective:
-    """J̃(s, π) = E_{a~π}[Q̂(s,a)] − α KL(π(·|s,O) ‖ p_θ(·|s))  (Eq. 16) for fixed states.
+    """J̃(s, π) = E_{a~π}[Q̂(s,a)] − α KL(π(·|s,O) ‖ p_θ(·|s))  for fixed states: Eq. 16
+    when Q̂ is a critic, Eq. 6-7 truncated at H when Q̂ is ``ModelBasedValue``'s
+    H-step return (its future KL terms and rewards inside Q̂, KL_0 here).
 
     Args:
         states: ``[B, S]``.
@@ -61,6 +132,11 @@ class TrajectoryObjective:
         # Set once a gradient engine has checked that Q̂ is differentiable in actions.
         self._value_differentiable = False
 
+    @property
+    def horizon(self) -> int:
+        """H of the value estimate (0 for a model-free critic)."""
+        return getattr(getattr(self.value, "func", self.value), "horizon", 0)
+
     def subset(self, rows: slice) -> TrajectoryObjective:
         """The same objective restricted to the states ``rows`` (the prior's tanh-Gaussian
         is sliced, not recomputed)."""
@@ -71,12 +147,15 @@ class TrajectoryObjective:
         return part
 
     def __call__(
-        self, posterior: TanhGaussian, n_samples: int, antithetic: bool = False
+        self, posterior: Posterior, n_samples: int, antithetic: bool = False
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """J̃ [B] for a tanh-Gaussian posterior, estimated with ``n_samples``
-        reparameterised actions (in ± pairs when ``antithetic``), and metrics
-        (``q`` [B], ``kl`` [B], detached)."""
-        if self.prior_dist is not None:
+        """J̃ [B] for a posterior, estimated with ``n_samples`` actions (reparameterised
+        for a tanh-Gaussian, in ± pairs when ``antithetic``), and metrics (``q`` [B],
+        ``kl`` [B], detached)."""
+        if not isinstance(posterior, TanhGaussian):
+            a = posterior.sample(n_samples)
+            kl = policy_kl(posterior, self.prior, self.states, a, self.prior_dist)
+        elif self.prior_dist is not None:
             a, _ = posterior.rsample(n_samples, antithetic)
             kl = posterior.kl(self.prior_dist)
         else:
@@ -86,7 +165,8 @@ class TrajectoryObjective:
         j = soft_objective(q, kl, self.alpha)
         return j, {"q": q.mean(-1).detach(), "kl": kl.detach()}
 
-    def action_values(self, a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    def action_values(self, a: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
         """Q̂(s,a) + α log p_θ(a|s) for actions [B,N,A]: α times the log of the
         unnormalised Boltzmann posterior of Eq. 11, for non-parametric engines."""
+        u = atanh(a) if u is None else u
         return self.value(self.states, a) + self.alpha * self.prior.log_prob(self.states, a, u)

@@ -43,6 +43,14 @@ class Prior(nn.Module):
             raise NotImplementedError(f"{type(self).__name__} must implement log_prob")
         return dist.log_prob_u(u)
 
+    def sample(self, s: torch.Tensor, n: int) -> torch.Tensor:
+        """n actions per state from p_θ(·|s) for states ``s`` [B,S] -> ``[B, n, A]``
+        (future actions of a model rollout that follows the prior; proposals)."""
+        dist = self.distribution(s)
+        if dist is None:
+            raise NotImplementedError(f"{type(self).__name__} must implement sample")
+        return dist.sample(n)
+
     def default_kl_target(self) -> float:
         """KL(π‖p) per action dimension that α is tuned towards (``objectives.alpha_loss``)."""
         return 1.0
@@ -69,6 +77,10 @@ class Prior(nn.Module):
 
 class UniformPrior(Prior):
     """p(a) = Uniform([-1, 1]^A): SAC's prior, so KL(π‖p) = -H(π) + A log 2."""
+
+    def sample(self, s: torch.Tensor, n: int) -> torch.Tensor:
+        shape = (*s.shape[:-1], n, self.act_dim)
+        return torch.rand(shape, dtype=s.dtype, device=s.device) * 2.0 - 1.0
 
     def log_prob(self, s: torch.Tensor, a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return torch.full(a.shape[:-1], -a.shape[-1] * _LOG_2, dtype=a.dtype, device=a.device)

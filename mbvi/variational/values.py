@@ -18,16 +18,62 @@ from mbvi.models.q import QEnsemble
 
 
 class ValueEstimate(nn.Module):
-    """Base class: ``build(obs_dim, act_dim)`` then ``forward(s, a, frozen)``."""
+    """Base class of value estimates: everything the agent's M-step calls.
+
+    Lifecycle: ``build(obs_dim, act_dim, env)`` once; ``bind(...)`` once the agent
+    owns a prior, an engine and α; then per update ``forward`` (inference), ``target``
+    and ``loss`` (the TD regression), ``update_target`` after the optimiser step, and
+    ``update_model`` every ``model_every`` env steps.  Shapes: B states, N actions.
+    """
 
     obs_dim: int
     act_dim: int
+    horizon: int = 0
+    """H, the model steps inside Q̂ (0 for a model-free critic)."""
 
-    def build(self, obs_dim: int, act_dim: int) -> None:
+    def build(self, obs_dim: int, act_dim: int, env=None) -> None:
+        """Create parameters for the env's sizes; ``env`` (a Gymnasium env, optional)
+        lets a model-based estimate read the env's termination rules."""
         self.obs_dim, self.act_dim = obs_dim, act_dim
 
+    def bind(self, prior, policy, alpha, gamma: float) -> None:
+        """Hand over what a model-based estimate rolls out with: the prior, a policy
+        ``policy(s [M,S], frozen) -> Posterior`` (the engine), a callable returning
+        the current α, and γ.  Model-free estimates need none of it."""
+
     def forward(self, s: torch.Tensor, a: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """Q̂(s, a): states ``s`` [B,S], actions ``a`` [B,N,A] -> [B,N]; with ``frozen``
+        gradients reach ``a`` but no parameter of the estimate."""
         raise NotImplementedError
+
+    def target(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Q̂ of the target networks for the TD target, ``[B,N]``; no parameter gets a
+        gradient, ``a`` does."""
+        raise NotImplementedError
+
+    def loss(
+        self, s: torch.Tensor, a: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """TD regression on real transitions: ``s`` [B,S], ``a`` [B,A], target ``y``
+        [B] -> (loss, metrics with ``q_mean``)."""
+        raise NotImplementedError
+
+    def update_target(self) -> None:
+        """Called after every optimiser step (Polyak averaging)."""
+
+    def td_parameters(self) -> list[nn.Parameter]:
+        """The parameters ``loss`` trains (the agent's value optimiser holds these)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def world_model(self):
+        """The world model inside the estimate, or None (model-free)."""
+        return None
+
+    def update_model(self, replay, env_step: int) -> dict[str, float]:
+        """Fit the world model to the replay buffer's transitions; returns metrics
+        (``model/...``).  Nothing to do for a model-free estimate."""
+        return {}
 
 
 class TwinQ(ValueEstimate):
@@ -56,7 +102,7 @@ class TwinQ(ValueEstimate):
             raise ConfigError(f"TwinQ tau must be in (0, 1] (SAC uses 0.005), got {tau}")
         self.hidden, self.members, self.reduce, self.tau = tuple(hidden), members, reduce, tau
 
-    def build(self, obs_dim: int, act_dim: int) -> None:
+    def build(self, obs_dim: int, act_dim: int, env=None) -> None:
         super().build(obs_dim, act_dim)
         self.q = QEnsemble(obs_dim, act_dim, self.hidden, self.members)
         self.q_target = QEnsemble(obs_dim, act_dim, self.hidden, self.members)

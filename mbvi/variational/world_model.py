@@ -90,6 +90,17 @@ class WorldModel(nn.Module):
         (see ``Propagation``); reparameterised, so gradients reach ``a``."""
         raise NotImplementedError
 
+    def forward(
+        self,
+        s: torch.Tensor,
+        a: torch.Tensor,
+        propagation: Propagation = "ts1",
+        generator: torch.Generator | None = None,
+    ) -> Step:
+        """``step``: so that ``torch.func.functional_call`` can run the model with
+        detached parameters (``mbvi.variational.rollouts.frozen``)."""
+        return self.step(s, a, propagation, generator)
+
     def predict(self, s: torch.Tensor, a: torch.Tensor) -> Prediction:
         """Every member's Gaussian over (s', r) for ``s`` [M,S], ``a`` [M,A]."""
         raise NotImplementedError(f"{type(self).__name__} gives no per-member prediction")
