@@ -51,6 +51,12 @@ class InferenceEngine(nn.Module):
         gradients for itself, as ``_gradient_tools.objective_gradient`` does."""
         raise NotImplementedError
 
+    def td_posterior(self, s: torch.Tensor, objective: TrajectoryObjective) -> Posterior:
+        """The posterior at next states that the TD target averages over (Eq. 10).  A
+        planner returns its amortised proposal's, so that a TD target never runs a
+        full plan per replay state; other engines return ``infer``."""
+        return self.infer(s, objective)
+
     def forward(self, s: torch.Tensor, objective: TrajectoryObjective | None = None) -> Posterior:
         """``infer``: so that ``torch.func.functional_call`` can run the engine with
         detached parameters (a model-based value's future policy)."""

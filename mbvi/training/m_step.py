@@ -44,7 +44,7 @@ def m_step_losses(
     # Value: soft TD target with the posterior at s' (Eq. 9-10), target critics.
     with torch.no_grad():  # engines that need ∇λJ̃ enable gradients for themselves
         next_objective = TrajectoryObjective(s2, value.target, prior, alpha)
-        next_v, _ = next_objective(engine.infer(s2, next_objective), 1)
+        next_v, _ = next_objective(engine.td_posterior(s2, next_objective), 1)
         y = soft_td_target(r, term, next_v, gamma)
     value_loss, value_metrics = value.loss(s, a, y)
 
