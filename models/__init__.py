@@ -1,5 +1,6 @@
 """Learnable parts of mbvi: MLPs, ensembles, critics, inference and prior networks."""
 
+from mbvi.models.dynamics import DynamicsEnsemble
 from mbvi.models.iterative import IterativeUpdate
 from mbvi.models.mlp import EnsembleLinear, EnsembleMLP, mlp
 from mbvi.models.policy import GaussianHead
@@ -7,6 +8,8 @@ from mbvi.models.prior_net import PriorNet
 from mbvi.models.q import QEnsemble
 
 __all__ = [
+    "DynamicsEnsemble",
+    "DynamicsModule",
     "EnsembleLinear",
     "EnsembleMLP",
     "GaussianHead",
@@ -15,3 +18,13 @@ __all__ = [
     "QEnsemble",
     "mlp",
 ]
+
+
+def __getattr__(name: str):
+    # Lightning loads only when the training module is asked for: importing an engine
+    # or the ensemble stays free of it.
+    if name == "DynamicsModule":
+        from mbvi.models.dynamics_module import DynamicsModule
+
+        return DynamicsModule
+    raise AttributeError(f"module 'mbvi.models' has no attribute {name!r}")

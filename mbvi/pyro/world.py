@@ -1,0 +1,58 @@
+"""A world model as the optimality model's dynamics and reward: Pyro programs that
+sample what ``WorldModel.step`` samples (TS-1: a random elite member per particle and
+step, then a Gaussian draw), so that α·ELBO and the agent's hot-path objective estimate
+the same expectation.
+
+    dynamics, reward = world_model_programs(ensemble)
+    model = OptimalityModel(prior, leaf, alpha, horizon=3, dynamics=dynamics,
+                            reward_fn=reward)
+
+Guide and model sample the same sites from the same distributions, so these sites
+add nothing to the ELBO but the randomness of the transitions (Eq. 5).  A model with
+termination is not covered: the optimality model has no termination.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from mbvi.variational.world_model import WorldModel
+
+
+def _member(model: WorldModel, site: str, shape: torch.Size, device) -> torch.Tensor:
+    """A member index per particle, uniform over the model's elites."""
+    elites = getattr(model, "elite_idx", None)
+    if elites is None:
+        elites = torch.arange(model.members, device=device)
+    pick = pyro.sample(site, dist.Categorical(logits=torch.zeros(len(elites), device=device)))
+    return elites[pick.expand(shape).reshape(-1)]
+
+
+def world_model_programs(model: WorldModel):
+    """(dynamics, reward_fn) for ``OptimalityModel``: ``dynamics(s [B,N,S], a [B,N,A])
+    -> s'`` and ``reward_fn(s, a) -> r [B,N]``, each a Pyro program with a member site
+    and a Gaussian site per step."""
+
+    def predict(s, a, site):
+        b, n = a.shape[:2]
+        s = s.expand(b, n, s.shape[-1])
+        pred = model.predict(s.reshape(b * n, -1), a.reshape(b * n, -1))
+        k = _member(model, site, torch.Size((b, n)), a.device)
+        rows = torch.arange(b * n, device=a.device)
+        return pred, k, rows, (b, n)
+
+    def dynamics(s, a):
+        pred, k, rows, (b, n) = predict(s, a, "member")
+        loc = pred.next_mean[k, rows].reshape(b, n, -1)
+        scale = pred.next_std[k, rows].reshape(b, n, -1)
+        return pyro.sample("s_next", dist.Normal(loc, scale).to_event(1))
+
+    def reward(s, a):
+        pred, k, rows, (b, n) = predict(s, a, "r_member")
+        loc = pred.reward_mean[k, rows].reshape(b, n)
+        scale = pred.reward_std[k, rows].reshape(b, n)
+        return pyro.sample("r", dist.Normal(loc, scale))
+
+    return dynamics, reward
