@@ -7,9 +7,11 @@ the same expectation.
     model = OptimalityModel(prior, leaf, alpha, horizon=3, dynamics=dynamics,
                             reward_fn=reward)
 
-Guide and model sample the same sites from the same distributions, so these sites
-add nothing to the ELBO but the randomness of the transitions (Eq. 5).  A model with
-termination is not covered: the optimality model has no termination.
+Guide and model sample the same dynamics sites from the same distributions, so they
+add nothing to the ELBO but the randomness of the transitions (Eq. 5).  The reward
+enters the ELBO through a factor, linearly, so it is the expected reward under TS-1
+(the elites' mean reward), which leaves the expectation of α·ELBO unchanged.  A
+model with termination is not covered: the optimality model has no termination.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ def _member(model: WorldModel, site: str, shape: torch.Size, device) -> torch.Te
 
 def world_model_programs(model: WorldModel):
     """(dynamics, reward_fn) for ``OptimalityModel``: ``dynamics(s [B,N,S], a [B,N,A])
-    -> s'`` and ``reward_fn(s, a) -> r [B,N]``, each a Pyro program with a member site
-    and a Gaussian site per step."""
+    -> s'``, a Pyro program with a member site and a Gaussian site per step, and
+    ``reward_fn(s, a) -> r [B,N]``, the expected reward."""
 
     def predict(s, a, site):
         b, n = a.shape[:2]
@@ -50,9 +52,10 @@ def world_model_programs(model: WorldModel):
         return pyro.sample("s_next", dist.Normal(loc, scale).to_event(1))
 
     def reward(s, a):
-        pred, k, rows, (b, n) = predict(s, a, "r_member")
-        loc = pred.reward_mean[k, rows].reshape(b, n)
-        scale = pred.reward_std[k, rows].reshape(b, n)
-        return pyro.sample("r", dist.Normal(loc, scale))
+        b, n = a.shape[:2]
+        s = s.expand(b, n, s.shape[-1])
+        pred = model.predict(s.reshape(b * n, -1), a.reshape(b * n, -1))
+        elites = getattr(model, "elite_idx", torch.arange(model.members, device=a.device))
+        return pred.reward_mean[elites].mean(0).reshape(b, n)
 
     return dynamics, reward

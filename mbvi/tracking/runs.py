@@ -37,6 +37,15 @@ class RunData:
     params: dict[str, str] = field(default_factory=dict)  # every logged parameter
 
 
+def _group(params: dict[str, str]) -> tuple[str, ...]:
+    """The run's GROUP_PARAMS; a model-based value is named with its horizon
+    (``ModelBasedValue(H=5)``), so that horizons never share a row."""
+    group = [params[p] for p in GROUP_PARAMS]
+    if "value.horizon" in params:
+        group[GROUP_PARAMS.index("value")] += f"(H={params['value.horizon']})"
+    return tuple(group)
+
+
 def iteration_keys(metric_names) -> list[int]:
     """The k of every ``engine/j_iter_k`` metric; none unless J̃_0 is among them."""
     ks = sorted(int(m[len(J_ITER) :]) for m in metric_names
@@ -170,7 +179,7 @@ def _run_data(client, run, metric: str) -> RunData:
     return RunData(
         run_id=rid,
         name=run.info.run_name,
-        group=tuple(run.data.params[p] for p in GROUP_PARAMS),
+        group=_group(run.data.params),
         seed=run.data.params["seed"],
         curve=curve,
         duration_s=(end - run.info.start_time) / 1e3,

@@ -368,7 +368,11 @@ class VariationalAgent(L.LightningModule):
         checkpoint on disk is always one to resume from."""
         self._metrics.means(self.env_steps)
         for name, tensor in self.state_dict().items():  # checkpoints are rare: syncs are fine
-            if torch.is_tensor(tensor) and tensor.is_floating_point() and not tensor.isfinite().all():
+            if (
+                torch.is_tensor(tensor)
+                and tensor.is_floating_point()
+                and not tensor.isfinite().all()
+            ):
                 raise NonFiniteError(
                     f"parameter {name} is NaN or Inf at env step {self.env_steps}; training "
                     "stopped and the last good checkpoint is kept. Try a lower learning rate."
