@@ -49,10 +49,10 @@ def small_model(members: int = 4, elites: int = 2, **kwargs) -> DynamicsEnsemble
 
 @pytest.fixture(scope="module")
 def fitted():
-    """(model, fitter, metrics) after one fit on 3,000 transitions."""
+    """(model, fitter, metrics) after one fit on 5,000 transitions."""
     model = small_model()
-    fitter = DynamicsModule(model, lr=3e-3, batch_size=128, max_epochs=60, patience=10)
-    metrics = fitter.fit_transitions(*linear_gaussian(3000, seed=2))
+    fitter = DynamicsModule(model, batch_size=128, max_epochs=100, patience=10)
+    metrics = fitter.fit_transitions(*linear_gaussian(5000, seed=2))
     return model, fitter, metrics
 
 
@@ -64,15 +64,14 @@ def test_the_ensemble_recovers_the_mean_and_variance_of_a_linear_gaussian_system
         pred = model.predict(s, a)
     # every member, averaged over fresh on-distribution rows, per dim
     mean_err = ((pred.next_mean - (s @ A_TRUE + a @ B_TRUE)) / NOISE).abs().mean(1)
-    assert mean_err.max() < 0.25, mean_err  # within a quarter of the noise std
-    std_ratio = (pred.next_std / NOISE).mean(1)
+    assert mean_err.max() < 0.2, mean_err  # within a fifth of the noise std
+    std_ratio = (pred.next_std / NOISE).mean(1)  # the noise std, to within 8%
     torch.testing.assert_close(std_ratio, torch.ones_like(std_ratio), atol=0.08, rtol=0)
     reward_err = ((pred.reward_mean - s @ W_TRUE) / REWARD_NOISE).abs().mean(1)
-    assert reward_err.max() < 0.35, reward_err
+    assert reward_err.max() < 0.3, reward_err
     reward_ratio = (pred.reward_std / REWARD_NOISE).mean(1)
     torch.testing.assert_close(reward_ratio, torch.ones_like(reward_ratio), atol=0.1, rtol=0)
-    # the hold-out NLL per normalised dim is near that of the true model's
-    assert metrics["model/holdout_mse"] < 0.3 and metrics["model/epochs"] >= 10
+    assert metrics["model/epochs"] >= 10
 
 
 def test_the_members_differ_off_the_data(fitted):
