@@ -199,3 +199,26 @@ def test_objective_at_horizon_zero_is_eq16():
     expected = q(s, a).mean(-1) - 0.5 * post.kl(prior.distribution(s))
     torch.testing.assert_close(j, expected)
     assert math.isfinite(float(m["kl"].mean()))
+
+
+def test_branched_rollouts_stop_at_a_predicted_termination():
+    torch.manual_seed(0)
+    value, _, _ = _value(horizon=1, world=LinearWorld(stop_above=0.0))
+    value.synthetic_horizon = 3
+    s = torch.randn(64, S)
+    s0, a, r, s2, term = value.synthetic_transitions(s)
+    assert s0.shape[1] == S and a.shape[1] == A and r.shape == term.shape == (s0.shape[0],)
+    # every rollout's first step is kept; a later step only for rollouts still alive
+    n1 = 64
+    n2 = int((term[:n1] == 0).sum())
+    n3 = int((term[n1 : n1 + n2] == 0).sum())
+    assert 0 < n2 < n1 and s0.shape[0] == n1 + n2 + n3
+    torch.testing.assert_close(s0[n1 : n1 + n2], s2[:n1][term[:n1] == 0])
+    torch.testing.assert_close(s2[:64], s @ value.model.W + a[:64] @ value.model.B)
+    assert set(term.tolist()) <= {0.0, 1.0}
+
+
+def test_synthetic_ratio_outside_the_unit_interval_is_refused():
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match=r"synthetic_ratio must be in \[0, 1\]"):
+            ModelBasedValue(model=LinearWorld(), synthetic_ratio=bad)

@@ -55,3 +55,18 @@ def test_a_generator_state_from_a_cuda_buffer_reseeds_with_a_warning():
     with pytest.warns(UserWarning, match="continues from a fresh seed"):
         loaded.load_state_dict(state)
     assert len(loaded) == 4 and loaded.sample(8)[0].shape == (8, 2)
+
+
+def test_add_batch_stores_like_repeated_add():
+    one, many = ReplayBuffer(5, 2, 1), ReplayBuffer(5, 2, 1)
+    g = torch.Generator().manual_seed(0)
+    obs, act = torch.randn(7, 2, generator=g), torch.rand(7, 1, generator=g)
+    rew, nxt, term = torch.randn(7, generator=g), torch.randn(7, 2, generator=g), torch.zeros(7)
+    term[3] = 1
+    for i in range(7):
+        one.add(obs[i], act[i], float(rew[i]), nxt[i], bool(term[i]))
+    many.add_batch(obs[:3], act[:3], rew[:3], nxt[:3], term[:3])
+    many.add_batch(obs[3:], act[3:], rew[3:], nxt[3:], term[3:])
+    assert (one.pos, one.size) == (many.pos, many.size)
+    for a, b in zip(one.transitions(), many.transitions()):
+        torch.testing.assert_close(a, b)

@@ -165,6 +165,7 @@ class VariationalAgent(L.LightningModule):
         self.env_steps = 0
         self.last_episode_return = float("nan")
         self.buffer: ReplayBuffer | None = None
+        self.synthetic: ReplayBuffer | None = None  # model rollouts (synthetic_ratio > 0)
         self._rng = np.random.default_rng(seed)
         self._metrics = RunningMeans()  # update metrics between flushes
         self._pending_rng: dict | None = None
@@ -266,7 +267,7 @@ class VariationalAgent(L.LightningModule):
             self.fit_world_model()
         if self.env_steps > hp.warmup_steps and len(self.buffer) >= hp.batch_size:
             for _ in range(hp.updates_per_step):
-                self._metrics.add(self.update(*self.buffer.sample(hp.batch_size)))
+                self._metrics.add(self.update(*self._batch()))
         if self.env_steps % hp.log_every == 0:
             self._flush_metrics()
         if self.env_steps % hp.eval_every == 0 or self.env_steps >= hp.total_env_steps:
@@ -294,8 +295,38 @@ class VariationalAgent(L.LightningModule):
                 "and the last good checkpoint is kept. Try a lower model_lr."
             )
         metrics.update(open_loop_errors(model, self.buffer, (1, 5, 10)))
+        if getattr(self.value, "synthetic_ratio", 0.0) > 0:
+            self._branch_rollouts()
         self._log(metrics)
         return metrics
+
+    def _branch_rollouts(self) -> None:
+        """Fill the synthetic buffer with the value's branched model rollouts from
+        replay states (``ModelBasedValue.synthetic_transitions``)."""
+        value = self.value
+        if self.synthetic is None:
+            capacity = value.synthetic_rollouts * value.synthetic_horizon * value.synthetic_keep
+            self.synthetic = ReplayBuffer(
+                capacity, self.runner.obs_dim, self.runner.act_dim, self.device,
+                seed=self.hparams.seed + 1,
+            )  # fmt: skip
+        starts = self.buffer.sample(value.synthetic_rollouts, self.synthetic.generator)[0]
+        self.synthetic.add_batch(*value.synthetic_transitions(starts))
+
+    def _batch(self) -> tuple[torch.Tensor, ...]:
+        """An update's batch: replay transitions, with a ``synthetic_ratio`` share from
+        model rollouts when the value asks for them."""
+        b = self.hparams.batch_size
+        ratio = getattr(self.value, "synthetic_ratio", 0.0)
+        if ratio > 0 and self.synthetic is None:  # e.g. just resumed: regenerate
+            self._branch_rollouts()
+        n_syn = int(round(ratio * b))
+        if n_syn == 0:
+            return self.buffer.sample(b)
+        if n_syn == b:
+            return self.synthetic.sample(b)
+        real, syn = self.buffer.sample(b - n_syn), self.synthetic.sample(n_syn)
+        return tuple(torch.cat(x) for x in zip(real, syn))
 
     def objective(self, s: torch.Tensor) -> TrajectoryObjective:
         """J̃ at states ``s`` [B,S] against the value with frozen parameters: what

@@ -47,6 +47,17 @@ class ReplayBuffer:
         self.pos = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
+    def add_batch(self, obs, act, rew, next_obs, term) -> None:
+        """Store M transitions at once (tensors [M,·]; rewards and flags [M]), oldest
+        overwritten first, as M calls of ``add`` would."""
+        rows = torch.cat(
+            [obs, act, rew.unsqueeze(-1), next_obs, term.float().unsqueeze(-1)], -1
+        ).to(self.rows.device, self.rows.dtype)[-self.capacity :]
+        idx = (torch.arange(rows.shape[0], device=self.rows.device) + self.pos) % self.capacity
+        self.rows[idx] = rows
+        self.pos = int((self.pos + rows.shape[0]) % self.capacity)
+        self.size = min(self.size + rows.shape[0], self.capacity)
+
     def sample(
         self, batch_size: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, ...]:

@@ -44,6 +44,12 @@ class ModelBasedValue(ValueEstimate):
         model_holdout: fraction of transitions held out (a fixed split).
         model_max_transitions: a refit trains on at most this many of the newest
             transitions (0: all).
+        synthetic_ratio: fraction of every update's batch drawn from model-generated
+            transitions (MBPO's branched rollouts; §3.2.3's combination of a learned
+            model and an expectation function); 0 trains on real transitions only.
+        synthetic_rollouts: branched rollouts started from replay states at each refit.
+        synthetic_horizon: steps of each branched rollout (actions from the engine).
+        synthetic_keep: refits' worth of synthetic transitions kept.
     """
 
     def __init__(
@@ -61,6 +67,10 @@ class ModelBasedValue(ValueEstimate):
         model_patience: int = 2,
         model_holdout: float = 0.1,
         model_max_transitions: int = 0,
+        synthetic_ratio: float = 0.0,
+        synthetic_rollouts: int = 10_000,
+        synthetic_horizon: int = 1,
+        synthetic_keep: int = 5,
     ):
         super().__init__()
         if horizon < 0:
@@ -82,6 +92,16 @@ class ModelBasedValue(ValueEstimate):
             raise ConfigError(
                 f"ModelBasedValue: model_holdout must be in (0, 1), got {model_holdout}"
             )
+        if not 0.0 <= synthetic_ratio <= 1.0:
+            raise ConfigError(
+                f"ModelBasedValue: synthetic_ratio must be in [0, 1] (the fraction of a batch "
+                f"from model rollouts), got {synthetic_ratio}"
+            )
+        for name, v in (("synthetic_rollouts", synthetic_rollouts),
+                        ("synthetic_horizon", synthetic_horizon),
+                        ("synthetic_keep", synthetic_keep)):  # fmt: skip
+            if v < 1:
+                raise ConfigError(f"ModelBasedValue: {name} must be >= 1, got {v}")
         if model is None:
             from mbvi.models.dynamics import DynamicsEnsemble
 
@@ -93,6 +113,8 @@ class ModelBasedValue(ValueEstimate):
         self.model_batch_size, self.model_epochs = model_batch_size, model_epochs
         self.model_patience, self.model_holdout = model_patience, model_holdout
         self.model_max_transitions = model_max_transitions
+        self.synthetic_ratio, self.synthetic_rollouts = synthetic_ratio, synthetic_rollouts
+        self.synthetic_horizon, self.synthetic_keep = synthetic_horizon, synthetic_keep
         self._bound = None  # (prior, engine, alpha_fn, gamma), set by bind
 
     # ---- the contract ---------------------------------------------------------------
@@ -193,6 +215,26 @@ class ModelBasedValue(ValueEstimate):
         if self.model_max_transitions:
             s, a, r, s2, term = (x[-self.model_max_transitions :] for x in (s, a, r, s2, term))
         return self._fitter().fit_transitions(s, a, r, s2, term)
+
+    @torch.no_grad()
+    def synthetic_transitions(self, s: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """MBPO's branched rollouts: ``synthetic_horizon`` model steps from replay states
+        ``s`` [M,S] under actions sampled from the engine's posterior (inferred against
+        the leaf critic) -> (s, a, r, s', terminated), each [K,·], the steps after a
+        predicted termination left out."""
+        prior, engine, alpha_fn, _ = self._bound
+        alpha = alpha_fn()
+        out, alive = [], torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+        for _ in range(self.synthetic_horizon):
+            objective = TrajectoryObjective(s, self._leaf_frozen, prior, alpha)
+            a = engine.infer(s, objective).sample(1)[:, 0]
+            step = self.model.step(s, a, self.propagation)
+            done = step.terminated > 0.5
+            out.append((s[alive], a[alive], step.reward[alive], step.next_state[alive],
+                        done[alive].float()))  # fmt: skip
+            alive = alive & ~done
+            s = step.next_state
+        return tuple(torch.cat(x) for x in zip(*out))
 
     def get_extra_state(self) -> dict:
         """The model optimiser's state travels in the state_dict (and so in checkpoints)."""
