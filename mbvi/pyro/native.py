@@ -8,12 +8,15 @@ H = 0):
 
     J(s) = 1/N Σ_n [ Σ_{t<H} γ^t (r_t − α log π_t/p_t) + γ^H (Q̂(s_H,a_H) − α log π_H/p_H) ]
 
-With the same samples this equals α·ELBO of the Pyro model (a test checks it).  It is
-faster because it never inverts tanh, evaluates log π(u)/p(u) from ε directly, drops
-the tanh Jacobians that cancel in the ratio when the prior is a tanh-Gaussian, and runs
-the prior and the reward once on all H+1 steps' rows instead of once per step.  Never
-inverting tanh also keeps it finite for saturated actions (|u| > 9 rounds tanh(u) to
-±1 in float32), where the Pyro model's atanh(a) is infinite.
+The trajectories come from ``mbvi.variational.rollouts.rollout`` and are scored by
+``mbvi.variational.objectives.trajectory_return``, the definitions the agent's
+model-based value uses; only the KL estimate differs: here every KL term is the sample
+estimate log π_t/p_t, so that with the same samples this equals α·ELBO of the Pyro
+model (a test checks it).  It is faster than the ELBO because it never inverts tanh,
+evaluates log π(u)/p(u) from ε directly and drops the tanh Jacobians that cancel in the
+ratio when the prior is a tanh-Gaussian.  Never inverting tanh also keeps it finite for
+saturated actions (|u| > 9 rounds tanh(u) to ±1 in float32), where the Pyro model's
+atanh(a) is infinite.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ from collections.abc import Callable
 import torch
 
 from mbvi.errors import ConfigError
-from mbvi.pyro.model import OptimalityModel, Policy, particle_states, per_particle
+from mbvi.pyro.model import OptimalityModel, Policy, per_particle
 from mbvi.pyro.sites import program_name
 from mbvi.variational.distributions import TanhGaussian, tanh_log_det
+from mbvi.variational.objectives import trajectory_return
 from mbvi.variational.priors import Prior
+from mbvi.variational.rollouts import rollout
+from mbvi.variational.world_model import Step
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -52,52 +58,50 @@ def _log_ratio(
     return log_q - prior.log_prob(s, a.unsqueeze(1), u.unsqueeze(1)).squeeze(1)
 
 
-def _step_params(
-    posterior: TanhGaussian | None, policy: Policy | None, s: torch.Tensor, b: int, t: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """π(a_t|s_t,O)'s loc and log-scale as [B, 1 or N, A]."""
-    d = posterior if t == 0 and posterior is not None else policy(s.reshape(-1, s.shape[-1]))
-    a_dim = d.loc.shape[-1]
-    return d.loc.reshape(b, -1, a_dim), d.log_scale.reshape(b, -1, a_dim)
+def _sampler(
+    prior: Prior,
+    posterior: TanhGaussian | None,
+    policy: Policy | None,
+    actions: torch.Tensor | None,
+    b: int,
+    n: int,
+):
+    """``act(s [M,S], t) -> (a_t [M,A], log π_t/p_t [M])`` for ``rollout``: a_t from the
+    posterior (t = 0) or the policy, drawn as the guide draws them (or read from
+    ``actions``), with the sample estimate of the log ratio."""
 
-
-def _rows(xs: list[torch.Tensor]) -> torch.Tensor:
-    """Per-step tensors [B,N,D] -> one [T·B·N, D] batch, so the prior (and the reward)
-    run once for all steps instead of once per step."""
-    return torch.stack(xs).reshape(-1, xs[0].shape[-1])
-
-
-def _discounted(x: torch.Tensor, gamma: float) -> torch.Tensor:
-    """γ^t x_t for per-step values ``x`` [T,B,N]."""
-    if gamma == 1.0:
-        return x
-    discount = gamma ** torch.arange(x.shape[0], dtype=x.dtype, device=x.device)
-    return discount[:, None, None] * x
-
-
-def _rollout(model, states, posterior, policy, actions):
-    """Sample the H+1 steps (Eq. 5) -> per-step lists of s_t, a_t, u_t, ε_t, log σ_t
-    (each [B,N,·]) and the leaf value Q̂(s_H, a_H) [B,N]."""
-    b, n, horizon = states.shape[0], model.n_particles, model.horizon
-    steps = {"s": [], "a": [], "u": [], "eps": [], "log_scale": []}
-    s = states
-    for t in range(horizon + 1):
-        loc, log_scale = _step_params(posterior, policy, s, b, t)
+    def act(s: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d = posterior if t == 0 and posterior is not None else policy(s)
+        a_dim = d.loc.shape[-1]
+        loc = d.loc.reshape(b, -1, a_dim).expand(b, n, a_dim).reshape(b * n, a_dim)
+        log_scale = d.log_scale.reshape(b, -1, a_dim).expand(b, n, a_dim).reshape(b * n, a_dim)
         if actions is None:
-            eps = torch.randn(b, n, loc.shape[-1], dtype=loc.dtype, device=loc.device)
+            eps = torch.randn(b, n, a_dim, dtype=loc.dtype, device=loc.device).reshape(b * n, a_dim)
             u = torch.addcmul(loc, log_scale.exp(), eps)
             a = torch.tanh(u)
         else:
-            a = actions[t]
+            a = actions[t].reshape(b * n, a_dim)
             u = torch.atanh(a)
             eps = (u - loc) * torch.exp(-log_scale)
-        leaf_s = s
-        s = particle_states(s, n)
-        for key, x in zip(steps, (s, a, u, eps, log_scale.expand_as(u)), strict=True):
-            steps[key].append(x)
-        if t < horizon:
-            s = model.dynamics(s, a)
-    return steps, per_particle(model.leaf_value, leaf_s, a)
+        rows = s if s.shape[0] == b * n else s.repeat_interleave(n, 0)
+        return a, _log_ratio(prior, rows, a, u, eps, log_scale)
+
+    return act
+
+
+class _Transition:
+    """A deterministic ``OptimalityModel``'s dynamics and reward as a world model's
+    ``step`` for ``rollout``: rows [B·N, ·] in, particles [B,N,·] for the callables."""
+
+    def __init__(self, model: OptimalityModel, b: int, n: int):
+        self.model, self.b, self.n = model, b, n
+
+    def __call__(self, s: torch.Tensor, a: torch.Tensor, propagation=None) -> Step:
+        shape = (self.b, self.n)
+        s_p, a_p = s.reshape(*shape, -1), a.reshape(*shape, -1)
+        reward = self.model.reward_fn(s_p, a_p).reshape(-1)
+        nxt = self.model.dynamics(s_p, a_p).reshape(s.shape)
+        return Step(nxt, reward, torch.zeros_like(reward))
 
 
 def native_objective(
@@ -107,7 +111,10 @@ def native_objective(
     policy: Policy | None = None,
     actions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """J(s) of the module docstring for states [B,S] -> ([B], metrics).
+    """J(s) of the module docstring for states [B,S] -> ([B], metrics): the model's
+    trajectories through ``mbvi.variational.rollouts.rollout``, scored by
+    ``trajectory_return`` (the one definition of the objective), with every KL term
+    the sample estimate log π_t/p_t that the ELBO uses.
 
     Args:
         model: the parts (prior: an mbvi ``Prior``; deterministic dynamics).
@@ -125,15 +132,18 @@ def native_objective(
             " evaluate a prior program with OptimalityModel.elbo"
         )
     b, n, horizon, gamma = states.shape[0], model.n_particles, model.horizon, model.gamma
-    steps, leaf = _rollout(model, states, posterior, policy, actions)
-    log_ratio = _log_ratio(model.prior, *(_rows(steps[k]) for k in steps)).reshape(-1, b, n)
-    log_ratio = _discounted(log_ratio, gamma)
-    total_kl, total_return = log_ratio.sum(0), leaf if gamma == 1.0 else leaf * gamma**horizon
-    if horizon > 0:
-        s, a = (torch.stack(steps[k][:horizon]).flatten(0, 1) for k in ("s", "a"))
-        rewards = model.reward_fn(s, a).reshape(horizon, b, n)  # one call for all steps
-        total_return = total_return + _discounted(rewards, gamma).sum(0)
-    j = (total_return - model.alpha * total_kl).mean(-1)
+    act = _sampler(model.prior, posterior, policy, actions, b, n)
+    a0, kl0 = act(states, 0)
+    roll = rollout(
+        _Transition(model, b, n), states, a0.reshape(b, n, -1), horizon, model.prior, act=act
+    )
+    kl = torch.cat([kl0.reshape(1, b, n), roll.kl[1:]])
+    leaf = per_particle(model.leaf_value, roll.states[-1] if horizon else states, roll.actions[-1])
+    zero = torch.zeros_like(kl)
+    j = trajectory_return(roll.rewards, kl, roll.alive, leaf, model.alpha, gamma).mean(-1)
+    total_return = trajectory_return(roll.rewards, zero, roll.alive, leaf, 0.0, gamma)
+    # Σ_t γ^t KL_t: the same sum with the rewards and the leaf zeroed and α = −1.
+    total_kl = trajectory_return(roll.rewards * 0, kl, roll.alive, leaf * 0, -1.0, gamma)
     metrics = {"kl": total_kl.detach().mean(-1), "return": total_return.detach().mean(-1)}
     return j, metrics
 

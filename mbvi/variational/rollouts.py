@@ -24,6 +24,8 @@ from mbvi.variational.world_model import Propagation
 
 PolicyFn = Callable[[torch.Tensor], Posterior]
 """π(·|s) for states [M,S] -> a posterior over [M, A] (e.g. an engine's ``infer``)."""
+ActFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+"""act(s_t [M,S], t) -> (a_t [M,A], KL_t [M]): how a rollout picks step t's action."""
 StepFn = Callable[..., object]
 """``model.step(s [M,S], a [M,A], propagation) -> Step`` (``WorldModel.step``)."""
 
@@ -61,6 +63,7 @@ def rollout(
     policy: PolicyFn | None = None,
     propagation: Propagation = "ts1",
     actions: torch.Tensor | None = None,
+    act: ActFn | None = None,
 ) -> Rollout:
     """Roll ``step`` (a world model's ``step``) H steps from states ``s`` [B,S] under
     first actions ``a0`` [B,N,A] (one trajectory per particle).
@@ -75,6 +78,8 @@ def rollout(
         propagation: how particles move through an ensemble (``Propagation``).
         actions: optional fixed actions a_1..a_k, ``[k,B,N,A]`` with k <= H (a
             planner's sequence); steps after k draw from ``policy`` or the prior.
+        act: replaces ``policy`` and the prior for t >= 1 with one's own sampler and
+            KL estimate (the Pyro twin's sample KL that matches the ELBO draw for draw).
     """
     b, n, a_dim = a0.shape
     s_t = s.unsqueeze(1).expand(b, n, s.shape[-1]) if s.dim() == 2 else s
@@ -88,6 +93,9 @@ def rollout(
         alive.append(alive[-1] * (1.0 - out.terminated.reshape(b, n).to(zeros.dtype)))
         if actions is not None and t < actions.shape[0]:
             a_t, kl_t = actions[t], zeros
+        elif act is not None:
+            a_rows, kl_rows = act(s_t.reshape(b * n, -1), t + 1)
+            a_t, kl_t = a_rows.reshape(b, n, a_dim), kl_rows.reshape(b, n)
         else:
             a_t, kl_t = _next_action(s_t, prior, policy)
         states.append(s_t)
