@@ -21,7 +21,11 @@ through each layer once (2·rows·in·out per layer); bias adds, activations and
 are not counted, though their time is.  ``rollout_peak_fraction`` = rollout FLOP/s over
 the peak.  Last line:
 
-    model_rollout train_mbvi_per_s=<a> train_mbrl_per_s=<b> train_speedup=<a/b> rollout_peak_fraction=<c>
+    model_rollout train_mbvi_per_s=<a> train_mbrl_per_s=<b> train_speedup=<a/b>
+        rollout_peak_fraction=<c>
+
+(one line).  The line before it gives the rate of the training step's matmuls alone,
+the ceiling of either implementation.
 
 Setup (mbrl-lib 0.2.0 pins an old gymnasium, hence ``--no-deps``):
 
@@ -106,6 +110,27 @@ def mbrl_trainer(seed: int):
     return lambda: model.update(x, opt, y)
 
 
+def matmul_floor(seed: int):
+    """The training step's matmuls alone, on random tensors of the same shapes: the
+    forward's and, in the backward, each layer's weight gradient and (but the first
+    layer's) input gradient.  Neither implementation can step faster than this."""
+    g = torch.Generator().manual_seed(seed)
+    dims = [OBS + ACT, *HIDDEN, 2 * (OBS + 1)]
+    ws = [torch.randn(MEMBERS, i, o, generator=g) for i, o in zip(dims[:-1], dims[1:])]
+    hs = [torch.randn(MEMBERS, BATCH, d, generator=g) for d in dims]
+
+    def step():
+        h = hs[0]
+        for w in ws:
+            h = torch.bmm(h, w)
+        for i in reversed(range(len(ws))):
+            torch.bmm(hs[i].transpose(1, 2), hs[i + 1])
+            if i > 0:
+                torch.bmm(hs[i + 1], ws[i].transpose(1, 2))
+
+    return step
+
+
 def rollout_fn(model: DynamicsEnsemble, seed: int):
     g = torch.Generator().manual_seed(seed)
     s0 = torch.randn(PARTICLES, OBS, generator=g)
@@ -137,7 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--train-steps", type=int, default=20, help="timed steps per block")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="default: torch's")
     args = parser.parse_args()
     try:
         import mbrl.models  # noqa: F401
@@ -152,21 +177,28 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu")
     per_step = MEMBERS * BATCH
-    ours, theirs, fractions = [], [], []
+    ours, theirs, floors, fractions = [], [], [], []
     for r in range(args.rounds):
         step, model = mbvi_trainer(r)
         ours.append(per_step / _best_seconds(step, args.train_steps, blocks=3))
         theirs.append(per_step / _best_seconds(mbrl_trainer(r), args.train_steps, blocks=3))
+        floors.append(per_step / _best_seconds(matmul_floor(r), args.train_steps, blocks=3))
         roll_s = _best_seconds(rollout_fn(model, r), repeats=5)
         peak = matmul_peak()
         fractions.append(rollout_flops() / roll_s / peak)
         print(
-            f"round {r}: train mbvi {ours[-1]:.0f}/s, mbrl {theirs[-1]:.0f}/s member-transitions; "
+            f"round {r}: train mbvi {ours[-1]:.0f}/s, mbrl {theirs[-1]:.0f}/s, matmuls alone "
+            f"{floors[-1]:.0f}/s member-transitions; "
             f"rollout {roll_s * 1e3:.1f} ms = {rollout_flops() / roll_s / 1e9:.1f} GFLOP/s, "
             f"matmul peak {peak / 1e9:.1f} GFLOP/s",
             flush=True,
         )
     a, b, c = statistics.median(ours), statistics.median(theirs), statistics.median(fractions)
+    floor = statistics.median(floors)
+    print(
+        f"train_matmul_floor_per_s={floor:.0f} (mbvi at {a / floor:.2f} of it; the speedup "
+        f"over mbrl-lib can be at most {floor / b:.2f})"
+    )
     print(
         f"model_rollout train_mbvi_per_s={a:.0f} train_mbrl_per_s={b:.0f} "
         f"train_speedup={a / b:.2f} rollout_peak_fraction={c:.2f}"

@@ -22,11 +22,10 @@ from mbvi.planners.base import InferenceEngine
 from mbvi.variational.distributions import Posterior, TanhGaussian, atanh
 from mbvi.variational.model_value import ModelBasedValue
 from mbvi.variational.objectives import TrajectoryObjective, policy_kl, trajectory_return
-from mbvi.variational.particles import WeightedParticles, normalise_log_weights, take_particles
+from mbvi.variational.particles import WeightedParticles
 from mbvi.variational.priors import Prior
 from mbvi.variational.rollouts import frozen_module, rollout
 from mbvi.variational.world_model import WorldModel
-
 
 # ---- weights and resampling -------------------------------------------------------------
 
@@ -152,13 +151,13 @@ class World:
 
 
 def plan_world(
-    objective: TrajectoryObjective,
+    value: Callable,
     engine: str,
     horizon: int,
     model: WorldModel | None,
     gamma: float,
 ) -> World:
-    """The world model, leaf value and γ a planner uses with ``objective``.
+    """The world model, leaf value and γ a planner uses with an objective's ``value``.
 
     With a ``ModelBasedValue`` (called as ``partial(value, frozen=True)`` in
     inference, or through ``value.target`` in a TD target) the planner rolls the
@@ -167,7 +166,7 @@ def plan_world(
     value was bound with, else ``gamma``.  A model-free value is the leaf itself, and
     a horizon above 1 then needs an explicit ``model``.
     """
-    fn = objective.value
+    fn = value
     owner = fn.func if isinstance(fn, partial) else getattr(fn, "__self__", fn)
     if isinstance(owner, ModelBasedValue):
         is_forward = fn is owner or (isinstance(fn, partial) and fn.func is owner)
@@ -261,6 +260,12 @@ class ProposalEngine(InferenceEngine):
         if self.proposal is not None:
             self.proposal.check_prior(prior)
 
+    def check_value(self, value: Callable) -> None:
+        """Raise ``ConfigError`` at configuration time if this engine cannot plan with
+        the value estimate ``value`` (a horizon above 1 needs a world model)."""
+        horizon = getattr(self, "horizon", 1)
+        plan_world(value, type(self).__name__, horizon, getattr(self, "model", None), 1.0)
+
     def proposal_posterior(self, s: torch.Tensor, objective: TrajectoryObjective):
         """The proposal's posterior at ``s`` [B,S], or None (propose from the prior)."""
         return None if self.proposal is None else self.proposal.infer(s, objective)
@@ -346,7 +351,9 @@ class SequencePlanner(ProposalEngine):
         """Plan from ``plan_state`` (or a fresh one); returns the final population's
         first actions as ``WeightedParticles`` [B,K,A]."""
         self.check_states(s, self.obs_dim)
-        world = plan_world(objective, type(self).__name__, self.horizon, self.model, self.gamma)
+        world = plan_world(
+            objective.value, type(self).__name__, self.horizon, self.model, self.gamma
+        )
         state = plan_state if plan_state is not None else self.init_plan_state(s.shape[0])
         expected = (s.shape[0], self.horizon, self.act_dim)
         if tuple(state["mean"].shape) != expected:
@@ -362,8 +369,8 @@ class SequencePlanner(ProposalEngine):
 
     def sample_sequences(self, mean: torch.Tensor, std) -> torch.Tensor:
         """K pre-tanh sequences per state around ``mean`` [B,H,A], ``[B,K,H,A]``."""
-        noise = torch.randn(mean.shape[0], self.population, *mean.shape[1:], dtype=mean.dtype,
-                            device=mean.device)  # fmt: skip
+        shape = (mean.shape[0], self.population, *mean.shape[1:])
+        noise = torch.randn(shape, dtype=mean.dtype, device=mean.device)
         std = std.unsqueeze(1) if isinstance(std, torch.Tensor) else std
         return mean.unsqueeze(1) + std * noise
 
@@ -383,4 +390,3 @@ def check_sequence_options(
     if not init_std > 0:
         raise ConfigError(f"{engine}: init_std must be > 0, got {init_std}")
     check_gamma(engine, gamma)
-

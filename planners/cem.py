@@ -12,11 +12,10 @@ from mbvi.planners._sampling import (
     check_mode,
     check_sequence_options,
     sequence_returns,
-    take_particles,
 )
 from mbvi.planners.base import InferenceEngine
 from mbvi.variational.objectives import TrajectoryObjective
-from mbvi.variational.particles import WeightedParticles
+from mbvi.variational.particles import WeightedParticles, take_particles
 from mbvi.variational.world_model import WorldModel
 
 
@@ -43,8 +42,8 @@ class CEM(SequencePlanner):
         momentum: m in [0, 1), the weight of the old μ, σ in each refit (PETS's α).
         proposal: an amortised engine the agent trains alongside through ``loss``
             and whose posterior serves the TD target; the plan does not read it.
-        model: a world model to plan through instead of the value's; needed when the
-            value is model-free and H > 1.
+        model: a world model to plan through instead of the value's, built by this
+            engine's ``build``; needed when the value is model-free and H > 1.
         gamma: γ when the value is not a bound ``ModelBasedValue``.
         mode: ``mean`` (mean of the elites' first actions) or ``best``.
     """
@@ -81,7 +80,7 @@ class CEM(SequencePlanner):
         for _ in range(self.iterations):
             u = self.sample_sequences(mean, std)
             scores = sequence_returns(objective, world, torch.tanh(u), u)
-            scores = scores.nan_to_num(nan=-torch.inf)
+            scores = scores.nan_to_num(nan=-torch.inf, neginf=-torch.inf)
             collapsed = torch.isneginf(scores).all(-1)
             elite = take_particles(u, scores.topk(self.elites, -1).indices)  # [B,E,H,A]
             mean = m * mean + (1.0 - m) * elite.mean(1)

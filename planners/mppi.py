@@ -31,9 +31,11 @@ class MPPI(SequencePlanner):
             μ ← Σ_k w_k u_k
         return the first actions tanh(u_k[0]) with weights w_k
 
-    R/α is the log of the unnormalised trajectory posterior, so λ = α (the default)
-    weighs sequences by the Boltzmann posterior of Eq. 11 over sequences; a smaller λ
-    concentrates on the best sequence.  σ stays fixed, as in MPPI.
+    R/α is the log of the unnormalised trajectory posterior of the actions, so λ = α
+    (the default) weighs each sampled sequence by that posterior's density; as MPPI
+    does not divide by its Gaussian sampling density, the plan is a smoothed mode of
+    the posterior, not a sample of it.  A smaller λ concentrates on the best
+    sequences.  σ stays fixed, as in MPPI.
 
     Args:
         population: K sequences sampled per iteration.
@@ -45,8 +47,8 @@ class MPPI(SequencePlanner):
         proposal: an amortised engine the agent trains alongside through ``loss``
             and whose posterior serves the TD target (``td_posterior``); the plan
             itself does not read it.
-        model: a world model to plan through instead of the value's; needed when the
-            value is model-free and H > 1.
+        model: a world model to plan through instead of the value's, built by this
+            engine's ``build``; needed when the value is model-free and H > 1.
         gamma: γ when the value is not a bound ``ModelBasedValue``.
         mode: ``mean`` (weighted mean first action, MPPI's) or ``best``.
     """
@@ -88,7 +90,8 @@ class MPPI(SequencePlanner):
             u = self.sample_sequences(mean, self.init_std)
             log_w = sequence_returns(objective, world, torch.tanh(u), u) / lam
             if self.elites is not None:
-                cut = log_w.nan_to_num(nan=-torch.inf).topk(self.elites, -1).values[:, -1:]
+                ranked = log_w.nan_to_num(nan=-torch.inf, neginf=-torch.inf)
+                cut = ranked.topk(self.elites, -1).values[:, -1:]
                 log_w = log_w.masked_fill(log_w < cut, -torch.inf)
             log_w, collapsed = normalise_log_weights(log_w)
             mean = (log_w.exp()[..., None, None] * u).sum(1)

@@ -19,11 +19,14 @@ from mbvi.planners._sampling import (
     plan_world,
     propose,
     resample,
-    take_particles,
 )
 from mbvi.planners.base import InferenceEngine
 from mbvi.variational.objectives import TrajectoryObjective
-from mbvi.variational.particles import WeightedParticles, normalise_log_weights
+from mbvi.variational.particles import (
+    WeightedParticles,
+    normalise_log_weights,
+    take_particles,
+)
 from mbvi.variational.world_model import WorldModel
 
 
@@ -37,14 +40,14 @@ class SMC(ProposalEngine):
     SMCP's Algorithm 1 with a critic Q̂ in place of its V (Q̂(s,a) ≈ r + γ V(s'), so
     its h steps are H actions and H−1 model steps here)::
 
-        a_0^k ~ q(·|s);  log w^k = Q̂(s,a_0^k)/α + log p/q(a_0^k)                   (t = 0)
+        a_0^k ~ q(·|s);  log w^k = Q̂(s,a_0^k)/α + log p/q(a_0^k)                (t = 0)
         for t = 1..H−1:
-            if ESS/K ≤ ess_threshold: resample {trajectories} by w; w ← 1/K     (l. 7-8)
-            s_t^k, r_{t-1}^k ~ model(s_{t-1}^k, a_{t-1}^k)                         (l. 5)
-            a_t^k ~ q(·|s_t^k)                                                     (l. 4)
+            if ESS/K ≤ ess_threshold: resample {trajectories} by w; w ← 1/K   (resample)
+            s_t^k, r_{t-1}^k ~ model(s_{t-1}^k, a_{t-1}^k)                 (model step)
+            a_t^k ~ q(·|s_t^k)                                                (propose)
             log w^k += [γ^{t-1} m_{t-1} r_{t-1} + γ^t m_t Q̂(s_t,a_t)
-                        − γ^{t-1} m_{t-1} Q̂(s_{t-1},a_{t-1})]/α + log p/q(a_t^k)   (l. 6)
-        return the first actions a_0^k with the final weights w^k                  (l. 10)
+                        − γ^{t-1} m_{t-1} Q̂(s_{t-1},a_{t-1})]/α + log p/q(a_t^k)  (reweight)
+        return the first actions a_0^k with the final weights w^k
 
     The bracket is SMCP's exp(A) = exp(r_t + V(s_{t+1}) − V(s_t)) with the temperature
     α: the value telescopes, so after the last step log w is G/α + Σ log p/q, the
@@ -53,10 +56,10 @@ class SMC(ProposalEngine):
     no termination came before step t (a terminated particle keeps its weight).
     Acting draws one first action by the final weights (``sample(1)``), as SMCP does.
 
-    The marginal of a_0 is p_θ(a_0|s) E[exp(G/α) | a_0]: with a stochastic model or
-    prior-drawn futures this is the soft (optimistic) value, not the mean return
-    inside ``ModelBasedValue``'s Q̂ (equal at H = 1, where SMC is importance
-    sampling).
+    The marginal of a_0 is p_θ(a_0|s) E[exp(G/α) | a_0]: with a stochastic model
+    this is the soft (optimistic) value, not the mean return inside
+    ``ModelBasedValue``'s Q̂.  At H = 1 SMC is importance sampling against the leaf
+    value.
 
     Args:
         n_particles: K trajectories per state.
@@ -68,7 +71,8 @@ class SMC(ProposalEngine):
         proposal: an engine whose posterior proposes each a_t (e.g. SAC's policy,
             trained through this engine's ``loss``); None proposes from the prior.
         model: a world model to plan through instead of the value's (e.g. the true
-            simulator); needed when the value is model-free and H > 1.
+            simulator), built by this engine's ``build``; needed when the value is
+            model-free and H > 1.
         gamma: γ when the value is not a bound ``ModelBasedValue`` (whose γ is used).
         mode: ``mean`` or ``best`` for ``mean_action``.
     """
@@ -101,7 +105,7 @@ class SMC(ProposalEngine):
 
     def infer(self, s: torch.Tensor, objective: TrajectoryObjective) -> WeightedParticles:
         self.check_states(s, self.obs_dim)
-        world = plan_world(objective, "SMC", self.horizon, self.model, self.gamma)
+        world = plan_world(objective.value, "SMC", self.horizon, self.model, self.gamma)
         with torch.no_grad():
             return self._plan(s, objective, world)
 

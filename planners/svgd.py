@@ -61,7 +61,8 @@ class SVGD(ProposalEngine):
         if not step_size > 0:
             raise ConfigError(f"SVGD: step_size must be > 0, got {step_size}")
         check_mode("SVGD", mode)
-        self.n_particles, self.steps, self.step_size, self.mode = n_particles, steps, step_size, mode
+        self.n_particles, self.steps, self.step_size = n_particles, steps, step_size
+        self.mode = mode
         self._set_proposal(proposal)
 
     def infer(self, s: torch.Tensor, objective: TrajectoryObjective) -> WeightedParticles:

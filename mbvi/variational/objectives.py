@@ -91,9 +91,18 @@ def policy_kl(
     prior_dist: TanhGaussian | None = None,
 ) -> torch.Tensor:
     """KL(π(·|s) ‖ p_θ(·|s)) per state ``[B]``: in closed form when both are
-    tanh-Gaussians, else the mean over the samples ``a`` [B,N,A] of log π(a) − log p(a)."""
+    tanh-Gaussians; for weighted particles, their own estimate (from the proposal's
+    density), or, for particles that carry none (resampled or moved), the KL of their
+    moment-matched tanh-Gaussian; else the mean over the samples ``a`` [B,N,A] of
+    log π(a) − log p(a)."""
     if prior_dist is None:
         prior_dist = prior.distribution(s)
+    if hasattr(posterior, "kl_to_prior"):  # weighted particles
+        try:
+            return posterior.kl_to_prior(prior, s)
+        except NotImplementedError:
+            posterior = posterior.moment_match()
+            a = posterior.sample(a.shape[-2])
     if prior_dist is not None:
         try:
             return posterior.kl(prior_dist)

@@ -30,7 +30,9 @@ def normalise_log_weights(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     *collapsed*: it falls back to uniform weights, so its particles stay what the
     proposal drew (never a NaN action).  Returns ``(log_w [B,K], collapsed [B] bool)``.
     """
-    log_w = torch.nan_to_num(log_w, nan=-math.inf, posinf=torch.finfo(log_w.dtype).max)
+    log_w = torch.nan_to_num(
+        log_w, nan=-math.inf, posinf=torch.finfo(log_w.dtype).max, neginf=-math.inf
+    )
     collapsed = torch.isneginf(log_w).all(-1)
     log_w = torch.where(collapsed.unsqueeze(-1), torch.zeros_like(log_w), log_w)
     return log_w - log_w.logsumexp(-1, keepdim=True), collapsed
@@ -135,7 +137,9 @@ class WeightedParticles(Posterior):
         NotImplementedError when the proposal's density is unknown.
         """
         log_other = (
-            other.log_prob_u(self.u()) if isinstance(other, TanhGaussian) else other.log_prob(self.particles)
+            other.log_prob_u(self.u())
+            if isinstance(other, TanhGaussian)
+            else other.log_prob(self.particles)
         )
         return self.kl_from_log_density(log_other)
 
