@@ -1,5 +1,8 @@
 """``mbvi`` command line: ``mbvi fit --config configs/pendulum/sac.yaml``.
 
+Also ``mbvi compare`` (``mbvi.tracking.compare``), ``mbvi fit-model`` and
+``mbvi export-transitions`` (``mbvi.training.model_cli``, ``mbvi.training.transitions``).
+
 Built on LightningCLI, so every constructor argument of the agent, its prior, engine
 and value estimate is a documented option (``mbvi fit --help``,
 ``mbvi fit --print_config``), and components are chosen by ``class_path``.
@@ -84,6 +87,9 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
     try:
+        if argv and argv[0] in ("fit-model", "export-transitions"):
+            _model_command(argv[0], argv[1:])
+            return
         MbviCLI(
             VariationalAgent,
             trainer_defaults=TRAINER_DEFAULTS,
@@ -100,6 +106,18 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"mbvi: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def _model_command(name: str, argv: list[str]) -> None:
+    """``mbvi fit-model`` (a LightningCLI of its own) and ``mbvi export-transitions``."""
+    if name == "fit-model":
+        from mbvi.training.model_cli import main as fit_model
+
+        fit_model(argv)
+    else:
+        from mbvi.training.transitions import export_main
+
+        export_main(argv)
 
 
 def _mbvi_error(err: BaseException | None) -> MbviError | None:

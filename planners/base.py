@@ -58,9 +58,10 @@ class InferenceEngine(nn.Module):
         return self.infer(s, objective)
 
     def forward(self, s: torch.Tensor, objective: TrajectoryObjective | None = None) -> Posterior:
-        """``infer``: so that ``torch.func.functional_call`` can run the engine with
-        detached parameters (a model-based value's future policy)."""
-        return self.infer(s, objective)
+        """``td_posterior``: the posterior a model rollout follows for future actions
+        (a planner's proposal, never a full plan per imagined step), so that
+        ``torch.func.functional_call`` can run it with detached parameters."""
+        return self.td_posterior(s, objective)
 
     def loss(
         self, s: torch.Tensor, objective: TrajectoryObjective

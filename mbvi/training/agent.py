@@ -158,6 +158,9 @@ class VariationalAgent(L.LightningModule):
         self.engine.build(obs_dim, act_dim)
         self.value.build(obs_dim, act_dim, env=self.runner.env)
         self.engine.check_prior(self.prior)
+        check_value = getattr(self.engine, "check_value", None)
+        if check_value is not None:  # planners need a world model to plan through
+            check_value(self.value)
         self.value.bind(self.prior, self.engine, lambda: self.alpha, gamma)
         self.log_alpha = torch.nn.Parameter(torch.tensor(math.log(init_alpha)))
         self.kl_target = kl_target_per_dim(self.prior, target_kl_per_dim) * act_dim
@@ -166,6 +169,9 @@ class VariationalAgent(L.LightningModule):
         self.last_episode_return = float("nan")
         self.buffer: ReplayBuffer | None = None
         self.synthetic: ReplayBuffer | None = None  # model rollouts (synthetic_ratio > 0)
+        # A planner's warm start, one per env runner: training and evaluation never
+        # share one, and each is reset when its episode ends.
+        self._plan_states: dict[str, dict | None] = {"train": None, "eval": None}
         self._rng = np.random.default_rng(seed)
         self._metrics = RunningMeans()  # update metrics between flushes
         self._pending_rng: dict | None = None
@@ -333,10 +339,18 @@ class VariationalAgent(L.LightningModule):
         acting and inference maximise."""
         return TrajectoryObjective(s, partial(self.value, frozen=True), self.prior, self.alpha)
 
-    def _policy(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
+    def _policy(
+        self, obs: np.ndarray, deterministic: bool = False, runner: str = "train"
+    ) -> np.ndarray:
         s = torch.as_tensor(obs, dtype=torch.float32, device=self.device).unsqueeze(0)
         with torch.no_grad():
-            posterior = self.engine.infer(s, self.objective(s))
+            if hasattr(self.engine, "init_plan_state"):
+                if self._plan_states[runner] is None:
+                    self._plan_states[runner] = self.engine.init_plan_state(1, s.device, s.dtype)
+                plan_state = self._plan_states[runner]
+                posterior = self.engine.infer(s, self.objective(s), plan_state=plan_state)
+            else:
+                posterior = self.engine.infer(s, self.objective(s))
             a = posterior.mean_action() if deterministic else posterior.sample(1)[:, 0]
         action = a[0].cpu().numpy()
         if not np.isfinite(action).all():
@@ -356,6 +370,7 @@ class VariationalAgent(L.LightningModule):
         self.buffer.add(t.obs, t.action, t.reward, t.next_obs, t.terminated)
         self.env_steps += 1
         if t.episode_return is not None:
+            self._plan_states["train"] = None  # the next episode plans afresh
             self.last_episode_return = t.episode_return
             self._log({"train/episode_return": t.episode_return})
 
@@ -420,9 +435,15 @@ class VariationalAgent(L.LightningModule):
         Runs on a side stream (``mbvi.training.rng.side_stream``): engines that sample while
         inferring (Iterative's ∇λJ̃) neither shift training's random numbers (so
         ``eval_every`` cannot change a run) nor depend on them."""
-        policy = partial(self._policy, deterministic=True)
+        policy = partial(self._policy, deterministic=True, runner="eval")
+
+        def reset_plan() -> None:
+            self._plan_states["eval"] = None
+
         with side_stream(self.hparams.seed + self.env_steps, self.device):
-            returns = evaluate(self.eval_runner, policy, self.hparams.eval_episodes, self.env_steps)
+            returns = evaluate(
+                self.eval_runner, policy, self.hparams.eval_episodes, self.env_steps, reset_plan
+            )
         mean = float(np.mean(returns))
         self._log({"eval/return": mean, "eval/return_std": float(np.std(returns))})
         self.last_eval_return = mean

@@ -90,16 +90,23 @@ def check_finite(env_id: str, obs: np.ndarray, reward: float, where: str) -> Non
 
 
 def record_episodes(
-    env_runner: EnvRunner, policy: Policy, episodes: int, env_step: int = 0
+    env_runner: EnvRunner,
+    policy: Policy,
+    episodes: int,
+    env_step: int = 0,
+    on_reset: Callable[[], None] | None = None,
 ) -> list[tuple[np.ndarray, float]]:
     """``episodes`` full episodes of ``policy`` on ``env_runner``'s env: for each, the
     observations it acted on [T, S] and its return.  ``env_step``, the training step
-    the episodes evaluate, only labels error messages."""
+    the episodes evaluate, only labels error messages; ``on_reset`` is called as each
+    episode starts (a planner's warm start is reset there)."""
     env, scaler, env_id = env_runner.env, env_runner.scaler, env_runner.env_id
     where = f"in an evaluation episode at env step {env_step}"
     out = []
     for _ in range(episodes):
         obs, _ = env.reset()
+        if on_reset is not None:
+            on_reset()
         check_finite(env_id, obs, 0.0, where)
         seen, total, done = [], 0.0, False
         while not done:
@@ -113,7 +120,12 @@ def record_episodes(
 
 
 def evaluate(
-    env_runner: EnvRunner, policy: Policy, episodes: int, env_step: int = 0
+    env_runner: EnvRunner,
+    policy: Policy,
+    episodes: int,
+    env_step: int = 0,
+    on_reset: Callable[[], None] | None = None,
 ) -> list[float]:
     """Returns of ``episodes`` full episodes of ``policy`` on ``env_runner``'s env."""
-    return [ret for _, ret in record_episodes(env_runner, policy, episodes, env_step)]
+    episodes_out = record_episodes(env_runner, policy, episodes, env_step, on_reset)
+    return [ret for _, ret in episodes_out]

@@ -5,11 +5,14 @@ A transitions file is a NumPy ``.npz`` (``numpy.savez``) with one row per env st
 | field | shape | meaning |
 |---|---|---|
 | ``obs`` | [N,S] float | the observation s_t |
-| ``act`` | [N,A] float | the action a_t in [-1,1]^A, the agent's scale (``ActionScaler.from_env`` of the env's action) |
+| ``act`` | [N,A] float | the action a_t in [-1,1]^A, the agent's scale (see below) |
 | ``rew`` | [N] float | the reward r_t |
 | ``next_obs`` | [N,S] float | the observation s_{t+1} that ``env.step`` returned |
 | ``term`` | [N] 0/1 | 1 where the episode terminated at s_{t+1} (a time-limit truncation is 0) |
 | ``env_id`` | [] str, optional | the Gymnasium id of the env the rows come from |
+
+Actions are stored as the agent sees them, on [-1, 1]^A: an env action ``a`` maps
+there by ``mbvi.training.env.ActionScaler(env.action_space).from_env(a)``.
 
 An agent checkpoint (``.ckpt``) holds the same fields in its replay buffer, oldest
 first; ``mbvi export-transitions --ckpt run.ckpt --out data.npz`` writes them as such a
@@ -17,7 +20,7 @@ file, and ``TransitionsDataModule`` reads either.
 
     data = load_transitions("data.npz", "Pendulum-v1", obs_dim=3, act_dim=1)
     s, a, r, s2, term = data.fields()                     # float32 tensors
-"""  # noqa: E501
+"""
 
 from __future__ import annotations
 
@@ -148,16 +151,17 @@ def check_transitions(
     for f in FIELDS:
         bad = ~np.isfinite(x[f].astype(np.float64))
         if bad.any():
-            row = int(np.argwhere(bad)[0][0])
+            first = tuple(np.argwhere(bad)[0])
+            row, value = int(first[0]), x[f][first].item()
             raise TransitionsError(
-                f"{where}: field {f!r} has a non-finite value ({x[f][row]!r}) in row {row} "
+                f"{where}: field {f!r} has a non-finite value ({value}) in row {row} "
                 "(the first bad row); drop or fix those rows"
             )
     flags = x["term"]
     if not np.isin(flags, (0, 1)).all():
         row = int(np.argwhere(~np.isin(flags, (0, 1)))[0][0])
         raise TransitionsError(
-            f"{where}: field 'term' must be 0 or 1, but row {row} holds {flags[row]!r}"
+            f"{where}: field 'term' must be 0 or 1, but row {row} holds {flags[row].item()}"
         )
     act = np.abs(x["act"])
     if (act > 1 + _ACTION_TOLERANCE).any():
@@ -171,14 +175,19 @@ def check_transitions(
 
 
 def transitions_from_checkpoint(
-    path: str | Path, obs_dim: int | None = None, act_dim: int | None = None
+    path: str | Path,
+    env_id: str | None = None,
+    obs_dim: int | None = None,
+    act_dim: int | None = None,
 ) -> Transitions:
     """The replay buffer of an mbvi agent checkpoint, oldest transition first, with the
-    env id of the run that wrote it (loaded with ``weights_only=True``).
+    env id of the run that wrote it (loaded with ``weights_only=True``); ``env_id``,
+    ``obs_dim`` and ``act_dim`` as in ``load_transitions``.
 
     Raises:
-        TransitionsError: the file is missing or unreadable, is not an agent checkpoint
-            or its buffer does not pass ``check_transitions``.
+        TransitionsError: the file is missing or unreadable, is not an agent checkpoint,
+            is from another env than ``env_id`` or its buffer does not pass
+            ``check_transitions``.
     """
     path = Path(path)
     where = f"checkpoint {str(path)!r}"
@@ -198,8 +207,13 @@ def transitions_from_checkpoint(
             f"{where} was not written by an mbvi agent (no replay buffer under 'mbvi'); "
             "pass a checkpoint of `mbvi fit`"
         )
-    env_id = (ckpt.get("hyper_parameters") or {}).get("env_id", state.get("env_id"))
-    return check_transitions(state["buffer"], where, obs_dim, act_dim, env_id)
+    saved_env = (ckpt.get("hyper_parameters") or {}).get("env_id", state.get("env_id"))
+    if env_id is not None and saved_env is not None and saved_env != env_id:
+        raise TransitionsError(
+            f"{where} is from env {saved_env!r}, not {env_id!r}; pass --data.env_id "
+            f"{saved_env} or a checkpoint of {env_id!r}"
+        )
+    return check_transitions(state["buffer"], where, obs_dim, act_dim, saved_env or env_id)
 
 
 def read_transitions(
@@ -207,15 +221,9 @@ def read_transitions(
 ) -> Transitions:
     """Transitions of ``env_id`` from an ``.npz`` or, for a ``.ckpt``, an agent
     checkpoint's replay buffer (which must be from ``env_id``)."""
-    if Path(path).suffix != ".ckpt":
-        return load_transitions(path, env_id, obs_dim, act_dim)
-    data = transitions_from_checkpoint(path, obs_dim, act_dim)
-    if data.env_id is not None and data.env_id != env_id:
-        raise TransitionsError(
-            f"checkpoint {str(path)!r} is from env {data.env_id!r}, not {env_id!r}; pass "
-            f"--data.env_id {data.env_id} or a checkpoint of {env_id!r}"
-        )
-    return data
+    if Path(path).suffix == ".ckpt":
+        return transitions_from_checkpoint(path, env_id, obs_dim, act_dim)
+    return load_transitions(path, env_id, obs_dim, act_dim)
 
 
 def save_transitions(path: str | Path, data: Transitions) -> Path:
@@ -279,6 +287,7 @@ class TransitionsDataModule(L.LightningDataModule):
         self.refit_normalisers = True  # False when the weights come from a checkpoint
         self._env: tuple | None = None
         self._split: tuple | None = None
+        self.n_transitions = 0  # read by ``load``
 
     def env_sizes(self) -> tuple[int, int, torch.nn.Module | None, str]:
         """(obs_dim, act_dim, termination, kind) of ``env_id`` (see ``termination_for_env``)."""
@@ -314,6 +323,7 @@ class TransitionsDataModule(L.LightningDataModule):
 
             obs_dim, act_dim, _, _ = self.env_sizes()
             data = read_transitions(self.path, self.env_id, obs_dim, act_dim).fields()
+            self.n_transitions = data[0].shape[0]
             held = holdout_mask(transition_keys(data[0], data[1]), self.holdout_fraction, self.seed)
             if held.all() or not held.any():  # too few rows to split: score on them all
                 self._split = (data, data)
@@ -336,9 +346,7 @@ class TransitionsDataModule(L.LightningDataModule):
         return _Bootstrap(self.load()[0], self.batch_size, members, self.seed)
 
     def val_dataloader(self):
-        hold = self.load()[1]
-        n = hold[0].shape[0]
-        return [tuple(x[i : i + _HOLDOUT_CHUNK] for x in hold) for i in range(0, n, _HOLDOUT_CHUNK)]
+        return _Chunks(self.load()[1], _HOLDOUT_CHUNK)
 
 
 class _Bootstrap:
@@ -358,3 +366,18 @@ class _Bootstrap:
         for i in range(0, n, self.batch_size):
             rows = boot[:, i : i + self.batch_size]
             yield tuple(x[rows] for x in self.data)
+
+
+class _Chunks:
+    """``data`` (N rows) in consecutive batches of up to ``size`` rows (one loader to
+    Lightning, where a list of batches would be many)."""
+
+    def __init__(self, data: tuple[torch.Tensor, ...], size: int):
+        self.data, self.size = data, size
+
+    def __len__(self) -> int:
+        return math.ceil(self.data[0].shape[0] / self.size)
+
+    def __iter__(self):
+        for i in range(0, self.data[0].shape[0], self.size):
+            yield tuple(x[i : i + self.size] for x in self.data)
