@@ -237,10 +237,13 @@ class VariationalAgent(L.LightningModule):
         self._clock = (time.perf_counter(), self.env_steps)
 
     def run_name(self) -> str:
-        """``<engine>-<prior>-seed<seed>``, e.g. ``Iterative-ConstantTanhGaussian-seed2``:
-        the default MLflow run name, so that a run list reads as the design choices."""
+        """``<engine>-<prior>[-H<horizon>]-seed<seed>``, e.g.
+        ``Iterative-ConstantTanhGaussian-seed2`` or ``Direct-Uniform-H3-seed0`` (a
+        model-based value of horizon 3): the default MLflow run name, so that a run
+        list reads as the design choices."""
         prior = type(self.prior).__name__.removesuffix("Prior") or type(self.prior).__name__
-        return f"{type(self.engine).__name__}-{prior}-seed{self.hparams.seed}"
+        value = f"-H{self.value.horizon}" if self.value.world_model is not None else ""
+        return f"{type(self.engine).__name__}-{prior}{value}-seed{self.hparams.seed}"
 
     @property
     def alpha(self) -> torch.Tensor:
