@@ -346,3 +346,33 @@ def test_shipped_model_configs_build(config, env_id, workdir, monkeypatch):
     assert cli.trainer.max_epochs == cli.model.max_epochs
     (stopper,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "EarlyStopping"]
     assert stopper.patience == cli.model.patience and stopper.monitor == "model/holdout_nll"
+
+
+def test_a_fitted_model_starts_an_agents_world_model_and_serves_as_pyro_dynamics(fitted):
+    from mbvi import ModelBasedValue, TwinQ, VariationalAgent
+    from mbvi.pyro import OptimalityModel
+    from mbvi.pyro.world import world_model_programs
+
+    _, run = only_run(fitted)
+    path = str(fitted / "checkpoints" / "models" / run.info.run_id / "best.ckpt")
+    saved = load_dynamics(path, "Pendulum-v1")
+
+    def value(path, hidden=(16, 16)):
+        return ModelBasedValue(
+            model=DynamicsEnsemble(members=2, elites=1, hidden=hidden), leaf=TwinQ(hidden=(8,)),
+            horizon=2, model_checkpoint=path,
+        )  # fmt: skip
+
+    agent = VariationalAgent("Pendulum-v1", value=value(path), progress_refresh_s=0)
+    for key, tensor in saved.state_dict().items():
+        torch.testing.assert_close(agent.value.model.state_dict()[key], tensor)
+    with pytest.raises(CheckpointError, match="hidden"):
+        VariationalAgent("Pendulum-v1", value=value(path, hidden=(32,)), progress_refresh_s=0)
+
+    dynamics, reward = world_model_programs(saved)
+    prior = agent.prior
+    model = OptimalityModel(prior, lambda s, a: a.sum(-1), 0.5, horizon=2, n_particles=4,
+                            dynamics=dynamics, reward_fn=reward)  # fmt: skip
+    states = torch.zeros(3, 3)
+    guide = model.guide(policy=agent.engine.infer)
+    assert torch.isfinite(model.elbo(guide, states))

@@ -50,6 +50,8 @@ class ModelBasedValue(ValueEstimate):
         synthetic_rollouts: branched rollouts started from replay states at each refit.
         synthetic_horizon: steps of each branched rollout (actions from the engine).
         synthetic_keep: refits' worth of synthetic transitions kept.
+        model_checkpoint: a ``mbvi fit-model`` checkpoint to start the world model from
+            (its env and sizes must match; checked when the agent is built).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class ModelBasedValue(ValueEstimate):
         synthetic_rollouts: int = 10_000,
         synthetic_horizon: int = 1,
         synthetic_keep: int = 5,
+        model_checkpoint: str | None = None,
     ):
         super().__init__()
         if horizon < 0:
@@ -115,6 +118,7 @@ class ModelBasedValue(ValueEstimate):
         self.model_max_transitions = model_max_transitions
         self.synthetic_ratio, self.synthetic_rollouts = synthetic_ratio, synthetic_rollouts
         self.synthetic_horizon, self.synthetic_keep = synthetic_horizon, synthetic_keep
+        self.model_checkpoint = model_checkpoint
         self._bound = None  # (prior, engine, alpha_fn, gamma), set by bind
 
     # ---- the contract ---------------------------------------------------------------
@@ -130,6 +134,11 @@ class ModelBasedValue(ValueEstimate):
         if kind == "learned":  # no rule known for this env: the model learns a head
             self.model.learned_termination = True
         self.model.build(obs_dim, act_dim, termination)
+        if self.model_checkpoint is not None:
+            from mbvi.training.model_cli import load_dynamics
+
+            saved = load_dynamics(self.model_checkpoint, env.spec.id, like=self.model)
+            self.model.load_state_dict(saved.state_dict())
 
     def bind(self, prior, policy, alpha, gamma: float) -> None:
         # Kept out of the module tree: the prior and the engine belong to the agent
