@@ -48,6 +48,8 @@ def test_the_world_model_is_refitted_and_logged_by_env_step(tiny_run):
                 "model/rollout_mse_h5", "model/rollout_mse_h10"):  # fmt: skip
         values = [m.value for m in client.get_metric_history(run.info.run_id, key)]
         assert values and all(math.isfinite(v) for v in values), key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "model_error_by_horizon.png" in artifacts
     # a model fitted on more data predicts one step ahead better than the first one
     h1 = client.get_metric_history(run.info.run_id, "model/rollout_mse_h1")
     assert h1[-1].value < h1[0].value

@@ -89,3 +89,23 @@ def plot_iteration_bands(
     for ax in axes:
         ax.set_xticks(range(int(ax.get_xlim()[1]) + 1))
     return _save(fig, axes, path)
+
+
+def model_error_figure(curves: dict[int, Sequence[float]]) -> plt.Figure:
+    """A world model's open-loop error against the horizon, one line per refit
+    (``curves``: env step -> error at horizons 1, 2, ...; at most six refits drawn,
+    spread over the run)."""
+    steps = sorted(curves)
+    if len(steps) > 6:
+        steps = [steps[round(i * (len(steps) - 1) / 5)] for i in range(6)]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for step in steps:
+        errors = curves[step]
+        ax.plot(range(1, len(errors) + 1), errors, marker=".", label=f"refit at {step}")
+    ax.set_xlabel("horizon (model steps, open loop)")
+    ax.set_ylabel("MSE / state variance")
+    ax.set_yscale("log")
+    ax.set_title("world model error over the horizon")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig

@@ -46,6 +46,8 @@ from mbvi.variational.objectives import TrajectoryObjective
 from mbvi.variational.priors import Prior, UniformPrior
 from mbvi.variational.values import TwinQ, ValueEstimate
 
+MODEL_ERROR_HORIZONS = tuple(range(1, 11))
+"""Horizons of the world model's open-loop error (plotted at the end of a run)."""
 ENV_STEPS_PER_BATCH = 8
 """Env steps per Lightning batch (``VariationalAgent.training_step``)."""
 
@@ -172,6 +174,7 @@ class VariationalAgent(L.LightningModule):
         # A planner's warm start, one per env runner: training and evaluation never
         # share one, and each is reset when its episode ends.
         self._plan_states: dict[str, dict | None] = {"train": None, "eval": None}
+        self._model_errors: dict[int, list[float]] = {}  # env step -> error by horizon
         self._rng = np.random.default_rng(seed)
         self._metrics = RunningMeans()  # update metrics between flushes
         self._pending_rng: dict | None = None
@@ -235,6 +238,17 @@ class VariationalAgent(L.LightningModule):
                 params.update(component_params(name, getattr(self, name)))
             self.logger.log_hyperparams(params)
         self._clock = (time.perf_counter(), self.env_steps)
+
+    def on_train_end(self) -> None:
+        """A model-based run logs its world model's error over the horizon as
+        ``model_error_by_horizon.png``."""
+        logger = self.logger
+        if self._model_errors and logger is not None and hasattr(logger, "run_id"):
+            from mbvi.tracking.figures import model_error_figure, plt
+
+            fig = model_error_figure(self._model_errors)
+            logger.experiment.log_figure(logger.run_id, fig, "model_error_by_horizon.png")
+            plt.close(fig)
 
     def run_name(self) -> str:
         """``<engine>-<prior>[-H<horizon>]-seed<seed>``, e.g.
@@ -303,7 +317,11 @@ class VariationalAgent(L.LightningModule):
                 f"has a non-finite {bad[0]} at env step {self.env_steps}; training stopped "
                 "and the last good checkpoint is kept. Try a lower model_lr."
             )
-        metrics.update(open_loop_errors(model, self.buffer, (1, 5, 10)))
+        errors = open_loop_errors(model, self.buffer, MODEL_ERROR_HORIZONS)
+        if errors:
+            self._model_errors[self.env_steps] = list(errors.values())
+        metrics.update({f"model/rollout_mse_h{h}": errors[f"model/rollout_mse_h{h}"]
+                        for h in (1, 5, 10) if f"model/rollout_mse_h{h}" in errors})  # fmt: skip
         if getattr(self.value, "synthetic_ratio", 0.0) > 0:
             self._branch_rollouts()
         self._log(metrics)
