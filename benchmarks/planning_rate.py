@@ -92,7 +92,8 @@ class SmallWorld(WorldModel):
     def build(self, obs_dim: int, act_dim: int, termination=None) -> None:
         super().build(obs_dim, act_dim)
         g = torch.Generator().manual_seed(3)
-        self.register_buffer("W", 0.9 * torch.eye(obs_dim) + 0.05 * torch.randn(obs_dim, obs_dim, generator=g))
+        w = 0.9 * torch.eye(obs_dim) + 0.05 * torch.randn(obs_dim, obs_dim, generator=g)
+        self.register_buffer("W", w)
         self.register_buffer("B", 0.5 * torch.randn(act_dim, obs_dim, generator=g))
 
     def step(self, s, a, propagation="ts1", generator=None) -> Step:
@@ -126,7 +127,10 @@ def small_planners():
         prior, world, partial(value.leaf, frozen=True), ALPHA, GAMMA, SMALL_H, SMALL_K,
         ess_threshold=1.0,
     )  # fmt: skip
-    return [("mbvi", lambda: engine.infer(s, objective).sample(1)), ("pyro", lambda: ref.plan(s[0]))]
+    return [
+        ("mbvi", lambda: engine.infer(s, objective).sample(1)),
+        ("pyro", lambda: ref.plan(s[0])),
+    ]
 
 
 def interleaved_medians_s(plans, repeats: int, warmup: int = 3) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """``mbvi`` command line: ``mbvi fit --config configs/pendulum/sac.yaml``.
 
-Also ``mbvi compare`` (``mbvi.tracking.compare``), ``mbvi fit-model`` and
+Also ``mbvi compare`` (``mbvi.tracking.compare``), ``mbvi table`` (``mbvi.tracking.table``), ``mbvi fit-model`` and
 ``mbvi export-transitions`` (``mbvi.training.model_cli``, ``mbvi.training.transitions``).
 
 Built on LightningCLI, so every constructor argument of the agent, its prior, engine
@@ -80,6 +80,10 @@ def main(args: list[str] | None = None) -> None:
         from mbvi.tracking.compare import main as compare_main
 
         sys.exit(compare_main(argv[1:]))
+    if argv and argv[0] == "table":  # trains Table 1's cells as `mbvi fit` subprocesses
+        from mbvi.tracking.table import main as table_main
+
+        sys.exit(table_main(argv[1:]))
     if os.getcwd() not in sys.path:
         # As with `python -m`: a user's own modules in the working directory can be
         # named by class_path (a prior, an engine) and as env "module:EnvId".

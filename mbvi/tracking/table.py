@@ -1,0 +1,460 @@
+"""``mbvi table``: the paper's Table 1 (prior × posterior × value) filled with measured runs.
+
+    mbvi table --env Pendulum-v1 [--preset tiny|full] [--steps N] [--seeds 0 1] [--jobs J]
+               [--experiment NAME] [--tracking_uri URI] [--output DIR] [--render-only]
+
+Every cell of ``TABLE_1`` (posterior row × value × prior column) that makes sense is one
+``mbvi fit`` per seed: the env's base config of the cell's value (``PRESETS``) plus the
+cell's overrides.  The runs go to one MLflow experiment, as parallel subprocesses of one
+thread each (``OMP_NUM_THREADS=1``), at most ``--jobs`` (default: the cores) at once.
+Then the table is printed as markdown, one cell per (posterior, value, prior):
+
+* final ``eval/return``, mean ± std over seeds (population std, as ``mbvi compare``);
+* env steps/s after warm-up: the ``perf/env_steps_per_s`` windows past ``warmup_steps``
+  (acting, M-step updates and evaluation), averaged as total steps over total time;
+* ms per env step: 1000 / that rate.  mbvi logs no finer timer, so this is the whole
+  cost of an env step (planning *and* learning), not the planner's time alone;
+* "—" where the combination makes no sense (the reason in a note), "FAILED" where a run
+  failed (its name and log in a note; the command then exits 1).
+
+The table is also drawn as a PNG (``<experiment>_table1.png`` in ``--output``) and
+logged, with the markdown, to a run named ``table`` in the experiment (tagged like
+``mbvi compare``'s run, so that compare and table skip it).  ``--render-only`` draws the
+table from an experiment's existing runs without training; cells are recognised by the
+runs' ``engine``, ``prior`` and ``value`` parameters, so runs started by hand count too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mbvi.errors import MbviError, TrackingError
+from mbvi.tracking.compare import GroupSummary, group_runs, mixed_settings, summarize
+from mbvi.tracking.runs import COMPARE_TAG, SPEED, load_runs, open_store
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+POSTERIORS = ("direct", "iterative", "importance", "smc")
+COLUMNS = (("model-free", "uniform"), ("model-free", "learned"),
+           ("model-based", "uniform"), ("model-based", "learned"))  # fmt: skip
+TITLES = {"direct": "direct (amortised)", "iterative": "iterative (amortised)",
+          "importance": "importance sampling", "smc": "SMC planning"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A cell left empty, and why (the table's footnote)."""
+
+    reason: str
+
+
+# Overrides on the base config of the cell's value.  Fields in braces are the preset's
+# sizes (PRESETS).  The base configs hold a uniform prior and the direct engine.
+_LEARNED = ("--model.prior=mbvi.LearnedPrior", "--model.prior.hidden={hidden}")
+_ITERATIVE = ("--model.engine=mbvi.planners.Iterative", "--model.engine.iterations=2",
+              "--model.engine.n_samples={samples}", "--model.engine.antithetic=true")  # fmt: skip
+# Under the uniform prior (no tanh-Gaussian to start from) inference starts from tanh(N(0,1)).
+_FROM_N01 = ("--model.engine.init_loc=0.0", "--model.engine.init_log_scale=0.0")
+_IMPORTANCE = ("--model.engine=mbvi.planners.ImportanceSampling",
+               "--model.engine.n_particles={particles}")  # fmt: skip
+_SMC = ("--model.engine=mbvi.planners.SMC", "--model.engine.n_particles={particles}",
+        "--model.engine.horizon={smc_horizon}", "--model.engine.proposal=mbvi.planners.Direct")  # fmt: skip
+_NO_MODEL = Skip(
+    "SMC plans H steps through a world model and a model-free value has none; its "
+    "one-step (H = 0) limit, weights exp(Q/α) on proposed actions, is the importance "
+    "sampling row."
+)
+
+TABLE_1: dict[tuple[str, str, str], tuple[str, ...] | Skip] = {
+    # (posterior,  value,         prior):       overrides, or why the cell is empty
+    ("direct",     "model-free",  "uniform"):   (),  # SAC
+    ("direct",     "model-free",  "learned"):   _LEARNED,
+    ("direct",     "model-based", "uniform"):   (),
+    ("direct",     "model-based", "learned"):   _LEARNED,
+    ("iterative",  "model-free",  "uniform"):   _ITERATIVE + _FROM_N01,
+    ("iterative",  "model-free",  "learned"):   _LEARNED + _ITERATIVE,
+    ("iterative",  "model-based", "uniform"):   _ITERATIVE + _FROM_N01,
+    ("iterative",  "model-based", "learned"):   _LEARNED + _ITERATIVE,
+    ("importance", "model-free",  "uniform"):   _IMPORTANCE,  # Eq. 11 from the uniform prior
+    ("importance", "model-free",  "learned"):   _LEARNED + _IMPORTANCE,  # MPO
+    ("importance", "model-based", "uniform"):   _IMPORTANCE,  # weights from the H-step return
+    ("importance", "model-based", "learned"):   _LEARNED + _IMPORTANCE,
+    ("smc",        "model-free",  "uniform"):   _NO_MODEL,
+    ("smc",        "model-free",  "learned"):   _NO_MODEL,
+    ("smc",        "model-based", "uniform"):   _SMC,  # SMCP
+    ("smc",        "model-based", "learned"):   _LEARNED + _SMC,
+}  # fmt: skip
+
+PRESETS = {
+    # base config per value (in configs/<env>/), default env steps, sizes for TABLE_1
+    "tiny": dict(configs={"model-free": "tiny.yaml", "model-based": "mb_tiny.yaml"},
+                 steps=150, hidden="[32,32]", samples=2, particles=16, smc_horizon=2),
+    "full": dict(configs={"model-free": "sac.yaml", "model-based": "mb_direct.yaml"},
+                 steps=3000, hidden="[256,256]", samples=4, particles=64, smc_horizon=5),
+}  # fmt: skip
+
+# Class names of the logged parameters -> the table's names.
+_ENGINES = {"Direct": "direct", "Iterative": "iterative", "ImportanceSampling": "importance",
+            "SVGD": "importance", "SMC": "smc"}  # fmt: skip
+_PRIORS = {"UniformPrior": "uniform", "LearnedPrior": "learned"}
+_VALUES = {"TwinQ": "model-free", "ModelBasedValue": "model-based"}
+
+
+@dataclass
+class Measured:
+    """One filled cell."""
+
+    final_mean: float
+    final_std: float
+    seeds: int
+    steps_per_s: float
+    label: str  # the group it came from, e.g. "ModelBasedValue(H=2)"
+
+
+@dataclass
+class Job:
+    cell: tuple[str, str, str]
+    run_name: str
+    argv: list[str]
+
+
+# ---- building the runs -------------------------------------------------------------------
+def find_configs(env_id: str, preset: str, configs: Path = CONFIGS) -> dict[str, Path]:
+    """The base config of each value for ``env_id``: the first folder of ``configs``
+    whose preset files name that env; ``MbviError`` listing the envs that have them."""
+    import yaml
+
+    found: dict[str, list[str]] = {}
+    for folder in sorted(p for p in configs.iterdir() if p.is_dir()):
+        for name, files in PRESETS.items():
+            paths = {v: folder / f for v, f in files["configs"].items()}
+            if not all(p.is_file() for p in paths.values()):
+                continue
+            envs = {(yaml.safe_load(p.read_text())["model"] or {}).get("env_id")
+                    for p in paths.values()}  # fmt: skip
+            if envs == {env_id} and name == preset:
+                return paths
+            for env in envs:
+                found.setdefault(str(env), []).append(f"{name} in {folder}")
+    have = "; ".join(f"{env} ({', '.join(where)})" for env, where in sorted(found.items()))
+    raise MbviError(
+        f"no {preset!r} Table 1 configs for env {env_id!r} in {configs}: the table needs "
+        f"{' and '.join(PRESETS[preset]['configs'].values())} naming it. Envs with configs: "
+        f"{have or 'none'}. Pass one of them with --env (and its --preset)."
+    )
+
+
+def make_jobs(base: dict[str, Path], preset: str, steps: int, seeds: Sequence[int],
+              experiment: str, tracking_uri: str) -> list[Job]:  # fmt: skip
+    """One ``mbvi fit`` per non-skipped cell and seed, in TABLE_1's order."""
+    sizes = PRESETS[preset]
+    jobs = []
+    for (posterior, value, prior), overrides in TABLE_1.items():
+        if isinstance(overrides, Skip):
+            continue
+        for seed in seeds:
+            name = f"table-{posterior}-{value}-{prior}-seed{seed}"
+            argv = [sys.executable, "-m", "mbvi.cli", "fit", "--config", str(base[value]),
+                    *(o.format(**sizes) for o in overrides),
+                    f"--model.total_env_steps={steps}", f"--model.seed={seed}",
+                    f"--trainer.logger.init_args.experiment_name={experiment}",
+                    f"--trainer.logger.init_args.run_name={name}",
+                    f"--trainer.logger.init_args.tracking_uri={tracking_uri}"]  # fmt: skip
+            jobs.append(Job((posterior, value, prior), name, argv))
+    return jobs
+
+
+def run_jobs(jobs: Sequence[Job], n_parallel: int, log_dir: Path) -> dict[str, Path]:
+    """Run ``jobs``, ``n_parallel`` at a time, each on one thread, output to
+    ``log_dir/<run name>.log``; returns {run name: log} of the runs that failed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pending, running, failed = list(jobs), [], {}
+    while pending or running:
+        while pending and len(running) < n_parallel:
+            job = pending.pop(0)
+            log = log_dir / f"{job.run_name}.log"
+            with open(log, "w") as out:
+                proc = subprocess.Popen(job.argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+            running.append((job, proc, log, time.perf_counter()))
+            print(f"mbvi table: started {job.run_name}", flush=True)
+        for item in list(running):
+            job, proc, log, t0 = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            took = time.perf_counter() - t0
+            if proc.returncode:
+                failed[job.run_name] = log
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+                print(f"mbvi table: {job.run_name} FAILED (exit {proc.returncode}, "
+                      f"{took:.0f} s): {tail[0]}", flush=True)  # fmt: skip
+            else:
+                print(f"mbvi table: finished {job.run_name} ({took:.0f} s)", flush=True)
+        time.sleep(0.2)
+    return failed
+
+
+# ---- reading the runs back ---------------------------------------------------------------
+def cell_of(params: dict[str, str]) -> tuple[str, str, str] | None:
+    """The (posterior, value, prior) of a run's parameters; None outside Table 1."""
+    try:
+        return (_ENGINES[params["engine"]], _VALUES[params["value"]], _PRIORS[params["prior"]])
+    except KeyError:
+        return None
+
+
+def speed_after_warmup(points: Sequence[tuple[int, float]], warmup: int) -> float:
+    """Env steps/s of the ``(step, rate)`` windows that end after ``warmup`` (all of
+    them if none do): total steps over total time, windows of equal length assumed."""
+    rates = [r for s, r in points if s > warmup and r > 0] or [r for _, r in points if r > 0]
+    return 1.0 / float(np.mean([1.0 / r for r in rates])) if rates else float("nan")
+
+
+def measure(client, experiment: str) -> tuple[str, dict[tuple[str, str, str], Measured]]:
+    """(experiment id, the filled cells) from the experiment's finished runs."""
+    experiment_id, runs = load_runs(client, experiment, "eval/return")
+    rows: dict[tuple[str, str, str], list[tuple[GroupSummary, float]]] = {}
+    groups = group_runs(runs)
+    for row in summarize(runs):
+        members = groups[row.group]
+        cell = cell_of(members[0].params)
+        if cell is None:
+            print(f"mbvi table: {', '.join(row.group)} is no cell of Table 1; left out",
+                  file=sys.stderr)  # fmt: skip
+            continue
+        if mixed := mixed_settings(members):
+            print(f"mbvi table: {'/'.join(cell)}: its runs differ in {', '.join(mixed)}; "
+                  "the cell averages over them", file=sys.stderr)  # fmt: skip
+        speeds = [speed_after_warmup(
+            [(m.step, m.value) for m in client.get_metric_history(r.run_id, SPEED)],
+            int(r.params.get("warmup_steps", 0))) for r in members]  # fmt: skip
+        rows.setdefault(cell, []).append((row, float(np.mean(speeds))))
+    cells = {}
+    for cell, found in rows.items():
+        row, speed = max(found, key=lambda f: len(f[0].seeds))
+        if len(found) > 1:
+            print(f"mbvi table: {'/'.join(cell)} has runs of several settings "
+                  f"({'; '.join(', '.join(f[0].group) for f in found)}); showing "
+                  f"{', '.join(row.group)}", file=sys.stderr)  # fmt: skip
+        cells[cell] = Measured(row.final_mean, row.final_std, len(row.seeds), speed, row.group[2])
+    return experiment_id, cells
+
+
+def failed_runs(client, experiment_id: str) -> dict[tuple[str, str, str], list[str]]:
+    """The names of the experiment's FAILED runs, by cell."""
+    out: dict[tuple[str, str, str], list[str]] = {}
+    for run in client.search_runs([experiment_id], "attributes.status = 'FAILED'"):
+        if (cell := cell_of(run.data.params)) is not None:
+            out.setdefault(cell, []).append(run.info.run_name)
+    return out
+
+
+# ---- rendering ---------------------------------------------------------------------------
+def cell_lines(
+    m: Measured | None, skip: Skip | None, failed: Sequence[str], note: str
+) -> list[str]:
+    """A cell's text, one item per line: return, steps/s, ms/step; or a mark."""
+    if failed:
+        return [f"FAILED{note}"]
+    if skip is not None:
+        return [f"—{note}"]
+    if m is None:
+        return ["not run"]
+    return [f"{m.final_mean:.1f} ± {m.final_std:.1f} (n={m.seeds})",
+            f"{m.steps_per_s:.1f} steps/s", f"{1e3 / m.steps_per_s:.1f} ms/step"]  # fmt: skip
+
+
+def render(
+    cells: dict, failed: dict, env_id: str
+) -> tuple[list[str], list[list[list[str]]], list[str]]:
+    """(column headers, body [row][column] -> lines, footnotes) of Table 1."""
+    notes: list[str] = []
+    marks: dict[str, str] = {}
+
+    def note(text: str) -> str:
+        if text not in marks:
+            notes.append(text)
+            marks[text] = f" [{len(notes)}]"
+        return marks[text]
+
+    horizons = sorted({m.label for (_, v, _), m in cells.items() if v == "model-based"})
+    mb = f"model-based {', '.join(h.replace('ModelBasedValue', '') for h in horizons)}"
+    head = ["posterior \\ value, prior",
+            *(f"{mb if v == 'model-based' else v}, {p} prior" for v, p in COLUMNS)]  # fmt: skip
+    body = []
+    for posterior in POSTERIORS:
+        line = [[TITLES[posterior]]]
+        for value, prior in COLUMNS:
+            cell = (posterior, value, prior)
+            spec = TABLE_1[cell]
+            skip = spec if isinstance(spec, Skip) else None
+            names = failed.get(cell, [])
+            mark = ""
+            if names:
+                mark = note(f"FAILED: {', '.join(names)}")
+            elif skip is not None:
+                mark = note(skip.reason)
+            line.append(cell_lines(cells.get(cell), skip, names, mark))
+        body.append(line)
+    notes.append(f"{env_id}: final eval/return mean ± std over n seeds; env steps/s after "
+                 "warm-up (acting + updates + evaluation); ms/step = 1000 / steps/s, the whole "
+                 "env step (no finer planner timer is logged).")  # fmt: skip
+    return head, body, notes
+
+
+def markdown(head: list[str], body: list[list[list[str]]], notes: list[str]) -> str:
+    rows = [head, ["---"] * len(head), *[[" · ".join(c) for c in row] for row in body]]
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    marks = [f"[{i}] {n}" for i, n in enumerate(notes[:-1], 1)]
+    return "\n".join([*lines, "", *marks, notes[-1]])
+
+
+def plot_table(head, body, notes, title: str, path: Path) -> Path:
+    """Table 1 as a matplotlib table, the notes beneath it."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(16, 2.2 + 0.9 * len(body) + 0.3 * len(notes)))
+    ax.axis("off")
+    text = [["\n".join(c) for c in row] for row in body]
+    table = ax.table(cellText=text, colLabels=["\n".join(textwrap.wrap(h, 24)) for h in head],
+                     loc="upper center", cellLoc="center")  # fmt: skip
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    table.scale(1, 4.2)
+    footer = "\n".join(textwrap.fill(f"[{i}] {n}" if i < len(notes) else n, 180)
+                       for i, n in enumerate(notes, 1))  # fmt: skip
+    fig.text(0.01, 0.01, footer, fontsize=7, va="bottom")
+    ax.set_title(title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def log_table(client, experiment_id: str, png: Path, text: str, params: dict) -> str:
+    """Log the PNG and the markdown to a new run named ``table``."""
+    run = client.create_run(experiment_id, run_name="table", tags={COMPARE_TAG: "table"})
+    rid = run.info.run_id
+    try:
+        for key, value in params.items():
+            client.log_param(rid, key, value)
+        client.log_artifact(rid, str(png))
+        client.log_text(rid, text + "\n", "table1.md")
+    except Exception:
+        client.set_terminated(rid, "FAILED")
+        raise
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+# ---- the command -------------------------------------------------------------------------
+def table(env_id: str, preset: str = "tiny", steps: int | None = None,
+          seeds: Sequence[int] = (0,), jobs: int | None = None, experiment: str | None = None,
+          tracking_uri: str | None = None, output: str = ".", render_only: bool = False,
+          configs: Path = CONFIGS) -> int:  # fmt: skip
+    """Train Table 1's cells (unless ``render_only``), print and log the table; returns
+    the exit status: 1 if a run failed, else 0."""
+    from mbvi.tracking.logger import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    experiment = experiment or f"table1-{env_id}-{preset}"
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    failed: dict[tuple[str, str, str], list[str]] = {}
+    if not render_only:
+        base = find_configs(env_id, preset, configs)
+        todo = make_jobs(base, preset, steps or PRESETS[preset]["steps"], seeds, experiment, uri)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        n_parallel = min(jobs or cores, cores)
+        if jobs and jobs > cores:
+            print(f"mbvi table: --jobs {jobs} > {cores} cores; running {cores} at once",
+                  file=sys.stderr)  # fmt: skip
+        print(f"mbvi table: {len(todo)} runs, {n_parallel} at once, into experiment "
+              f"{experiment!r} at {uri}", flush=True)  # fmt: skip
+        t0 = time.perf_counter()
+        logs = run_jobs(todo, n_parallel, out / f"{experiment}_logs")
+        print(f"mbvi table: trained in {time.perf_counter() - t0:.0f} s", flush=True)
+        for job in todo:
+            if job.run_name in logs:
+                failed.setdefault(job.cell, []).append(
+                    f"{job.run_name} (log: {logs[job.run_name]})"
+                )
+    client = open_store(uri)
+    try:
+        experiment_id, cells = measure(client, experiment)
+    except MbviError:
+        if not failed:
+            raise
+        exp = client.get_experiment_by_name(experiment)  # every run failed: still draw it
+        experiment_id, cells = exp.experiment_id if exp else None, {}
+    if render_only and experiment_id is not None:
+        failed = {c: n for c, n in failed_runs(client, experiment_id).items() if c not in cells}
+    head, body, notes = render(cells, failed, env_id)
+    text = markdown(head, body, notes)
+    print(text)
+    if experiment_id is None:
+        raise TrackingError(f"experiment {experiment!r} was never created: every run failed "
+                            "before logging; see the logs named above.")  # fmt: skip
+    png = plot_table(head, body, notes, f"Table 1 measured: {experiment}",
+                     out / f"{experiment}_table1.png")  # fmt: skip
+    params = {"env_id": env_id, "preset": preset, "render_only": render_only,
+              "cells": len(cells), "failed_cells": len(failed)}  # fmt: skip
+    rid = log_table(client, experiment_id, png, text, params)
+    print(f"wrote {png}")
+    print(f"logged the table as MLflow run {rid} ('table') in experiment {experiment!r}")
+    if failed:
+        print(f"mbvi table: {sum(map(len, failed.values()))} run(s) failed; the table marks "
+              "their cells FAILED", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mbvi table ...``; returns the exit status (2 on bad input, 1 if a run failed)."""
+    parser = argparse.ArgumentParser(
+        prog="mbvi table",
+        description="Paper Table 1 (prior × posterior × value) trained and filled with "
+        "measured return and speed.",
+    )
+    parser.add_argument("--env", required=True, help="env id with configs, e.g. Pendulum-v1")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                        help="tiny: tiny.yaml/mb_tiny.yaml, for tests; full: sac.yaml/mb_direct.yaml")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=None,
+                        help="env steps per run (default: tiny 150, full 3000)")  # fmt: skip
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per cell")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="runs at once, one thread each (default and cap: the cores)")  # fmt: skip
+    parser.add_argument("--experiment", default=None,
+                        help="MLflow experiment (default table1-<env>-<preset>)")  # fmt: skip
+    parser.add_argument("--tracking_uri", default=None,
+                        help="MLflow store; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")  # fmt: skip
+    parser.add_argument("--output", default=".", help="folder for the PNG and the run logs")
+    parser.add_argument("--render-only", action="store_true",
+                        help="draw the table from the experiment's runs; train nothing")  # fmt: skip
+    parser.add_argument("--configs", type=Path, default=CONFIGS, help="configs folder")
+    args = parser.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    try:
+        return table(args.env, args.preset, args.steps, args.seeds, args.jobs, args.experiment,
+                     args.tracking_uri, args.output, args.render_only, args.configs)  # fmt: skip
+    except MbviError as err:
+        print(f"mbvi: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
