@@ -10,15 +10,14 @@ The error at horizon h is the mean over state dims of the squared error of the
 ensemble's mean prediction h steps ahead under the replayed actions, divided by each
 dim's variance (1.0 is as bad as predicting the mean state).  The last line:
 
-    model_error env=<id> transitions=<n> holdout_nll=<a> holdout_mse=<b> mse_h1=<c> mse_h5=<d> mse_h10=<e>
+    model_error env=<id> transitions=<n> holdout_nll=<a> holdout_mse=<b>
+        mse_h1=<c> mse_h5=<d> mse_h10=<e>     (one line)
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-
-import torch
 
 from mbvi.models.dynamics import DynamicsEnsemble
 from mbvi.models.dynamics_module import DynamicsModule
