@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mbvi.errors import MbviError, TrackingError
+from mbvi.errors import MbviError
 from mbvi.tracking.compare import GroupSummary, group_runs, mixed_settings, summarize
 from mbvi.tracking.runs import COMPARE_TAG, SPEED, load_runs, open_store
 
@@ -327,18 +327,19 @@ def plot_table(head, body, notes, title: str, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(16, 2.2 + 0.9 * len(body) + 0.3 * len(notes)))
+    fig = plt.figure(figsize=(15, 1.0 + 0.75 * (len(body) + 1) + 0.25 * len(notes)))
+    foot = (0.3 + 0.25 * len(notes)) / fig.get_figheight()  # the notes' share of the height
+    ax = fig.add_axes((0.01, foot, 0.98, 0.92 - foot))
     ax.axis("off")
     text = [["\n".join(c) for c in row] for row in body]
-    table = ax.table(cellText=text, colLabels=["\n".join(textwrap.wrap(h, 24)) for h in head],
-                     loc="upper center", cellLoc="center")  # fmt: skip
+    table = ax.table(cellText=text, colLabels=["\n".join(textwrap.wrap(h, 28)) for h in head],
+                     cellLoc="center", bbox=(0, 0, 1, 1))  # fmt: skip
     table.auto_set_font_size(False)
-    table.set_fontsize(8)
-    table.scale(1, 4.2)
-    footer = "\n".join(textwrap.fill(f"[{i}] {n}" if i < len(notes) else n, 180)
+    table.set_fontsize(9)
+    footer = "\n".join(textwrap.fill(f"[{i}] {n}" if i < len(notes) else n, 230)
                        for i, n in enumerate(notes, 1))  # fmt: skip
-    fig.text(0.01, 0.01, footer, fontsize=7, va="bottom")
-    ax.set_title(title)
+    fig.text(0.01, 0.02, footer, fontsize=8, va="bottom")
+    fig.suptitle(title)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -392,34 +393,43 @@ def table(env_id: str, preset: str = "tiny", steps: int | None = None,
                 failed.setdefault(job.cell, []).append(
                     f"{job.run_name} (log: {logs[job.run_name]})"
                 )
-    client = open_store(uri)
     try:
+        client = open_store(uri)
         experiment_id, cells = measure(client, experiment)
     except MbviError:
         if not failed:
             raise
-        exp = client.get_experiment_by_name(experiment)  # every run failed: still draw it
-        experiment_id, cells = exp.experiment_id if exp else None, {}
-    if render_only and experiment_id is not None:
+        experiment_id, cells = _experiment_id(uri, experiment), {}  # every run failed
+    if render_only:
         failed = {c: n for c, n in failed_runs(client, experiment_id).items() if c not in cells}
     head, body, notes = render(cells, failed, env_id)
     text = markdown(head, body, notes)
     print(text)
-    if experiment_id is None:
-        raise TrackingError(f"experiment {experiment!r} was never created: every run failed "
-                            "before logging; see the logs named above.")  # fmt: skip
     png = plot_table(head, body, notes, f"Table 1 measured: {experiment}",
                      out / f"{experiment}_table1.png")  # fmt: skip
+    print(f"wrote {png}")
+    if experiment_id is None:  # every run failed before it reached MLflow
+        print(f"mbvi table: every run failed before logging; experiment {experiment!r} does "
+              "not exist, so the table is not logged", file=sys.stderr)  # fmt: skip
+        return 1
     params = {"env_id": env_id, "preset": preset, "render_only": render_only,
               "cells": len(cells), "failed_cells": len(failed)}  # fmt: skip
-    rid = log_table(client, experiment_id, png, text, params)
-    print(f"wrote {png}")
+    rid = log_table(open_store(uri), experiment_id, png, text, params)
     print(f"logged the table as MLflow run {rid} ('table') in experiment {experiment!r}")
     if failed:
         print(f"mbvi table: {sum(map(len, failed.values()))} run(s) failed; the table marks "
               "their cells FAILED", file=sys.stderr)  # fmt: skip
         return 1
     return 0
+
+
+def _experiment_id(uri: str, experiment: str) -> str | None:
+    """The experiment's id; None when it or its store does not exist."""
+    try:
+        exp = open_store(uri).get_experiment_by_name(experiment)
+    except MbviError:
+        return None
+    return exp.experiment_id if exp else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
