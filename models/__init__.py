@@ -14,6 +14,7 @@ __all__ = [
     "EnsembleMLP",
     "GaussianHead",
     "IterativeUpdate",
+    "MujocoOracle",
     "PriorNet",
     "QEnsemble",
     "mlp",
@@ -27,4 +28,8 @@ def __getattr__(name: str):
         from mbvi.models.dynamics_module import DynamicsModule
 
         return DynamicsModule
+    if name == "MujocoOracle":  # MuJoCo and Gymnasium load only when the oracle is asked for
+        from mbvi.models.oracle import MujocoOracle
+
+        return MujocoOracle
     raise AttributeError(f"module 'mbvi.models' has no attribute {name!r}")

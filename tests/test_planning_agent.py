@@ -84,3 +84,23 @@ def test_warm_starts_are_per_runner_and_reset_at_episode_ends(workdir):
 def test_a_planner_refuses_a_model_free_value_at_configuration_time(workdir):
     with pytest.raises(ConfigError, match="model"):
         VariationalAgent("Pendulum-v1", engine=SMC(n_particles=8, horizon=3), value=TwinQ())
+
+
+def test_the_oracle_plans_but_gradient_engines_refuse_it(workdir):
+    from mbvi.models.oracle import MujocoOracle
+
+    def oracle_value():
+        return ModelBasedValue(model=MujocoOracle("HalfCheetah-v5"), leaf=TwinQ(hidden=(16,)),
+                               horizon=2)  # fmt: skip
+
+    with pytest.raises(ConfigError, match="MujocoOracle is not differentiable"):
+        VariationalAgent("HalfCheetah-v5", engine=Direct((8,)), value=oracle_value())
+    agent = VariationalAgent(
+        "HalfCheetah-v5", engine=MPPI(population=8, iterations=1, horizon=3),
+        value=oracle_value(), total_env_steps=60, warmup_steps=20, batch_size=16,
+        eval_every=60, eval_episodes=1, progress_refresh_s=0,
+    )  # fmt: skip
+    from tests.conftest import fit_agent
+
+    fit_agent(agent, workdir, logger=False)
+    assert agent.env_steps == 60 and math.isfinite(agent.last_eval_return)

@@ -39,8 +39,9 @@ def mbvi_table(cwd, *args) -> subprocess.CompletedProcess:
 
 def table_rows(stdout: str) -> dict[str, list[str]]:
     """{row title: its cells} of the markdown table in ``stdout``."""
-    rows = [line.strip("|").split(" | ") for line in stdout.splitlines() if line.startswith("| ")]
-    return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows[1:]}
+    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
+    rows = [line.strip("|").split(" | ") for line in lines[2:]]  # past the head and the rule
+    return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,12 @@ def test_run_jobs_runs_everything_and_names_the_failures(tmp_path):
     failed = run_jobs(jobs, 2, tmp_path)
     assert list(failed) == ["bad"]
     assert "boom" in failed["bad"].read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.log", "ok0.log", "ok1.log", "ok2.log"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bad.log",
+        "ok0.log",
+        "ok1.log",
+        "ok2.log",
+    ]
 
 
 def test_a_failed_cell_is_marked_and_named_and_the_others_kept():
@@ -137,12 +143,15 @@ def test_a_run_that_fails_makes_the_command_exit_1(tmp_path, monkeypatch, capsys
     assert status == 1
     assert "FAILED [2]" in out.out  # [1]: the cells skipped here
     assert "[2] FAILED: table-importance-model-free-uniform-seed0 (log: " in out.out
-    assert "n_particles" in (tmp_path / "failing_logs" / "table-importance-model-free-uniform-seed0.log").read_text()
+    assert (
+        "n_particles"
+        in (tmp_path / "failing_logs" / "table-importance-model-free-uniform-seed0.log").read_text()
+    )
 
 
 def test_speed_after_warmup_is_total_steps_over_total_time():
     # windows of 50 steps: warm-up ones (fast, no updates) are left out
-    assert speed_after_warmup([(50, 1000.0), (100, 1000.0), (150, 50.0), (200, 25.0)], 100) == pytest.approx(
-        1 / ((1 / 50 + 1 / 25) / 2)
-    )
+    assert speed_after_warmup(
+        [(50, 1000.0), (100, 1000.0), (150, 50.0), (200, 25.0)], 100
+    ) == pytest.approx(1 / ((1 / 50 + 1 / 25) / 2))
     assert speed_after_warmup([(50, 10.0)], 100) == 10.0

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from mbvi.errors import NonFiniteError
+from mbvi.errors import ConfigError, NonFiniteError
 from mbvi.planners.base import InferenceEngine
 from mbvi.planners.direct import Direct
 from mbvi.planners.gradient import GradientRefinement
@@ -160,6 +160,14 @@ class VariationalAgent(L.LightningModule):
         self.engine.build(obs_dim, act_dim)
         self.value.build(obs_dim, act_dim, env=self.runner.env)
         self.engine.check_prior(self.prior)
+        model = self.value.world_model
+        if model is not None and not model.differentiable and self.engine.amortised:
+            raise ConfigError(
+                f"the world model {type(model).__name__} is not differentiable, but "
+                f"{type(self.engine).__name__} trains an inference network by gradients of "
+                "Q̂ through it; plan with SMC, MPPI or CEM without an amortised proposal, "
+                "or use a learned mbvi.models.DynamicsEnsemble"
+            )
         check_value = getattr(self.engine, "check_value", None)
         if check_value is not None:  # planners need a world model to plan through
             check_value(self.value)

@@ -220,6 +220,8 @@ class ModelBasedValue(ValueEstimate):
     def update_model(self, replay, env_step: int) -> dict[str, float]:
         """Refit the world model on the replay buffer (the newest
         ``model_max_transitions``), with early stopping on the fixed hold-out split."""
+        if not self.model.trainable:  # the true simulator: nothing to fit
+            return {}
         s, a, r, s2, term = replay.transitions()
         if self.model_max_transitions:
             s, a, r, s2, term = (x[-self.model_max_transitions :] for x in (s, a, r, s2, term))

@@ -68,10 +68,13 @@ class WorldModel(nn.Module):
         members: E, the ensemble size (1 for a single model).
         differentiable: whether ``step`` is differentiable in the actions (False for
             the true simulator); gradient engines refuse a model that is not.
+        trainable: whether the agent refits it to replay data (False for the true
+            simulator).
     """
 
     members: int = 1
     differentiable: bool = True
+    trainable: bool = True
     obs_dim: int
     act_dim: int
 
