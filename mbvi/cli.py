@@ -1,7 +1,8 @@
 """``mbvi`` command line: ``mbvi fit --config configs/pendulum/sac.yaml``.
 
-Also ``mbvi compare`` (``mbvi.tracking.compare``), ``mbvi table`` (``mbvi.tracking.table``), ``mbvi fit-model`` and
-``mbvi export-transitions`` (``mbvi.training.model_cli``, ``mbvi.training.transitions``).
+Also ``mbvi compare`` (``mbvi.tracking.compare``), ``mbvi table`` (``mbvi.tracking.table``),
+``mbvi fit-model`` and ``mbvi export-transitions`` (``mbvi.training.model_cli``,
+``mbvi.training.transitions``).
 
 Built on LightningCLI, so every constructor argument of the agent, its prior, engine
 and value estimate is a documented option (``mbvi fit --help``,

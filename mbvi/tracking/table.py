@@ -66,7 +66,8 @@ _FROM_N01 = ("--model.engine.init_loc=0.0", "--model.engine.init_log_scale=0.0")
 _IMPORTANCE = ("--model.engine=mbvi.planners.ImportanceSampling",
                "--model.engine.n_particles={particles}")  # fmt: skip
 _SMC = ("--model.engine=mbvi.planners.SMC", "--model.engine.n_particles={particles}",
-        "--model.engine.horizon={smc_horizon}", "--model.engine.proposal=mbvi.planners.Direct")  # fmt: skip
+        "--model.engine.horizon={smc_horizon}",
+        "--model.engine.proposal=mbvi.planners.Direct")  # fmt: skip
 _NO_MODEL = Skip(
     "SMC plans H steps through a world model and a model-free value has none; its "
     "one-step (H = 0) limit, weights exp(Q/α) on proposed actions, is the importance "
@@ -439,22 +440,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Paper Table 1 (prior × posterior × value) trained and filled with "
         "measured return and speed.",
     )
-    parser.add_argument("--env", required=True, help="env id with configs, e.g. Pendulum-v1")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                        help="tiny: tiny.yaml/mb_tiny.yaml, for tests; full: sac.yaml/mb_direct.yaml")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=None,
-                        help="env steps per run (default: tiny 150, full 3000)")  # fmt: skip
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per cell")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="runs at once, one thread each (default and cap: the cores)")  # fmt: skip
-    parser.add_argument("--experiment", default=None,
-                        help="MLflow experiment (default table1-<env>-<preset>)")  # fmt: skip
-    parser.add_argument("--tracking_uri", default=None,
-                        help="MLflow store; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")  # fmt: skip
-    parser.add_argument("--output", default=".", help="folder for the PNG and the run logs")
-    parser.add_argument("--render-only", action="store_true",
-                        help="draw the table from the experiment's runs; train nothing")  # fmt: skip
-    parser.add_argument("--configs", type=Path, default=CONFIGS, help="configs folder")
+    add = parser.add_argument
+    add("--env", required=True, help="env id with configs, e.g. Pendulum-v1")
+    add("--preset", choices=sorted(PRESETS), default="tiny",
+        help="tiny: tiny.yaml + mb_tiny.yaml; full: sac.yaml + mb_direct.yaml")  # fmt: skip
+    add("--steps", type=int, default=None, help="env steps per run (tiny 150, full 3000)")
+    add("--seeds", type=int, nargs="+", default=[0], help="seeds per cell")
+    add("--jobs", type=int, default=None,
+        help="runs at once, one thread each (default, and most: the cores)")  # fmt: skip
+    add("--experiment", default=None, help="MLflow experiment (table1-<env>-<preset>)")
+    add("--tracking_uri", default=None,
+        help="MLflow store (default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")  # fmt: skip
+    add("--output", default=".", help="folder for the PNG and the run logs")
+    add("--render-only", action="store_true", help="draw the table from the experiment's runs")
+    add("--configs", type=Path, default=CONFIGS, help="configs folder")
     args = parser.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
