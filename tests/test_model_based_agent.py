@@ -92,8 +92,10 @@ def test_a_non_finite_model_loss_fails_the_run_and_keeps_the_checkpoint(
 
     broken.calls = 0
     monkeypatch.setattr(DynamicsModule, "fit_transitions", broken)
+    uri = f"sqlite:///{workdir}/mlflow.db"
     with pytest.raises(SystemExit):
-        cli_main(["fit", "--config", TINY, "--model.total_env_steps", "400"])
+        cli_main(["fit", "--config", TINY, "--model.total_env_steps", "400",
+                  "--trainer.logger.init_args.tracking_uri", uri])  # fmt: skip
     err = capsys.readouterr().err
     assert "world model (DynamicsEnsemble)" in err and "at env step 300" in err
     client, (run,) = _runs(workdir)
@@ -137,7 +139,8 @@ def test_a_model_fitted_to_shuffled_targets_fails_the_same_threshold(workdir, mo
     monkeypatch.setattr(DynamicsModule, "fit_transitions", shuffled)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    cli_main(["fit", "--config", TINY, *MB_STEPS])
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    cli_main(["fit", "--config", TINY, *MB_STEPS, "--trainer.logger.init_args.tracking_uri", uri])
     client, (run,) = _runs(workdir)
     (final,) = client.get_metric_history(run.info.run_id, "eval/return")
     assert final.value < MB_THRESHOLD
