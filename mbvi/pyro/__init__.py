@@ -17,7 +17,8 @@ compose user programs (a custom prior, a stochastic dynamics model); ``ProgramPr
 makes a prior program an agent's prior, chosen in a config by its import path.
 """
 
-from mbvi.pyro.importance import WeightedParticles, importance_plan
+from mbvi.pyro.importance import importance_plan
+from mbvi.variational.particles import WeightedParticles
 from mbvi.pyro.model import OptimalityModel, optimality_model
 from mbvi.pyro.native import compiled_objective, native_objective
 from mbvi.pyro.prior import ProgramPrior

@@ -1,5 +1,7 @@
-"""Planning by self-normalised importance sampling in the optimality model: a generic,
-non-amortised engine that works under any prior a user writes as a Pyro program.
+"""Self-normalised importance sampling in the Pyro optimality model: the Pyro-side
+reference of ``mbvi.planners.ImportanceSampling`` (the agent's engine; a test checks
+that the two agree), and the way to plan under a prior or dynamics written as a Pyro
+program.  It returns the engine's posterior type, ``WeightedParticles``.
 
 With the prior as proposal, particle n's log weight is the sum of the model's factor
 sites, log p(O=1|τ_n) = [Σ_{t<H} γ^t r_t + γ^H Q̂(s_H, a_H)]/α, so the normalised
@@ -11,7 +13,6 @@ log p(τ, O) − log q(τ).  Everything is one vectorised trace over [B states, 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from pyro import poutine
@@ -19,32 +20,7 @@ from pyro.poutine.util import site_is_subsample
 
 from mbvi.pyro.model import OptimalityModel
 from mbvi.pyro.sites import ACTION
-
-
-@dataclass
-class WeightedParticles:
-    """N weighted first actions per state.
-
-    Attributes:
-        actions: a_0 of each particle, ``[B, N, A]``.
-        log_weights: self-normalised log weights, ``[B, N]`` (logsumexp over N is 0).
-    """
-
-    actions: torch.Tensor
-    log_weights: torch.Tensor
-
-    def best_action(self) -> torch.Tensor:
-        """The highest-weight particle's action, ``[B, A]`` (a mode of Eq. 11)."""
-        idx = self.log_weights.argmax(-1)
-        return self.actions[torch.arange(self.actions.shape[0]), idx]
-
-    def mean_action(self) -> torch.Tensor:
-        """The weighted mean action, ``[B, A]`` (MPPI's choice; blurs separate modes)."""
-        return (self.log_weights.exp().unsqueeze(-1) * self.actions).sum(-2)
-
-    def ess(self) -> torch.Tensor:
-        """Effective sample size 1 / Σ_n w_n², ``[B]``, between 1 and N."""
-        return 1.0 / (2.0 * self.log_weights).exp().sum(-1)
+from mbvi.variational.particles import WeightedParticles
 
 
 def _site_log_probs(trace, keep: Callable[[str, dict], bool], zeros) -> torch.Tensor:

@@ -112,8 +112,12 @@ class WeightedParticles(Posterior):
     def mean_action(self) -> torch.Tensor:
         """The weighted mean, or the heaviest particle when ``mode='best'``, ``[B,A]``."""
         if self.mode == "best":
-            return take_particles(self.particles, self.log_weights.argmax(-1, keepdim=True))[:, 0]
+            return self.best_action()
         return (self.weights.unsqueeze(-1) * self.particles).sum(-2)
+
+    def best_action(self) -> torch.Tensor:
+        """The heaviest particle, ``[B,A]`` (a mode of the posterior)."""
+        return take_particles(self.particles, self.log_weights.argmax(-1, keepdim=True))[:, 0]
 
     def log_prob(self, a: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(
