@@ -18,11 +18,11 @@ makes a prior program an agent's prior, chosen in a config by its import path.
 """
 
 from mbvi.pyro.importance import importance_plan
-from mbvi.variational.particles import WeightedParticles
 from mbvi.pyro.model import OptimalityModel, optimality_model
 from mbvi.pyro.native import compiled_objective, native_objective
 from mbvi.pyro.prior import ProgramPrior
 from mbvi.pyro.sites import ACTION, ClosedUniform, tanh_normal
+from mbvi.variational.particles import WeightedParticles
 
 __all__ = [
     "ACTION",
