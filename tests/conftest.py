@@ -119,3 +119,25 @@ def pendulum_eval_return(workdir, config: str, env_steps: int = 5000) -> float:
     (final,) = client.get_metric_history(run.info.run_id, "eval/return")
     assert final.step == env_steps
     return final.value
+
+
+def run_cli_in_process(capsys, *argv: str) -> tuple[int, str, str]:
+    """``mbvi *argv`` through ``mbvi.cli.main`` in this process (cwd as set by the
+    caller) -> (exit status, stdout, stderr).  Environment variables, sys.path and
+    sys.argv are restored afterwards."""
+    from mbvi.cli import main as cli_main
+
+    environ, path, argv_before = dict(os.environ), list(sys.path), sys.argv
+    sys.argv = ["mbvi"]  # not pytest's options: LightningCLI warns when both are given
+    try:
+        cli_main(list(argv))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        sys.path[:] = path
+        sys.argv = argv_before
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -5,10 +5,8 @@ subprocess; checks that fail before training call the same entry point,
 ``mbvi.cli.main``, in this process (an interpreter start-up costs ~10 s per case).
 """
 
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -16,8 +14,7 @@ import torch
 from mlflow import MlflowClient
 
 from mbvi import VariationalAgent
-from mbvi.cli import main as cli_main
-from tests.conftest import CONFIGS, MBVI, cli_env
+from tests.conftest import CONFIGS, MBVI, cli_env, run_cli_in_process
 
 TINY = str(CONFIGS / "pendulum" / "tiny.yaml")
 
@@ -34,23 +31,9 @@ def run_mbvi(cwd, *args, timeout=300):
 
 
 def run_mbvi_here(capsys, *args, config=TINY) -> tuple[int, str, str]:
-    """``mbvi fit --config <config> *args`` through ``mbvi.cli.main`` in this process
-    (cwd as set by the caller) -> (exit status, stdout, stderr).  Environment variables
-    and sys.path are restored afterwards."""
-    environ, path, argv = dict(os.environ), list(sys.path), sys.argv
-    sys.argv = ["mbvi"]  # not pytest's options: LightningCLI warns when both are given
-    try:
-        cli_main(["fit", "--config", config, *args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-    finally:
-        os.environ.clear()
-        os.environ.update(environ)
-        sys.path[:] = path
-        sys.argv = argv
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    """``mbvi fit --config <config> *args`` in this process -> (exit status, stdout,
+    stderr)."""
+    return run_cli_in_process(capsys, "fit", "--config", config, *args)
 
 
 def runs(cwd, experiment="tiny"):

@@ -5,7 +5,6 @@ Runs that train go through the installed ``mbvi`` in a subprocess; checks that f
 before training call the same entry point, ``mbvi.cli.main``, in this process.
 """
 
-import os
 import subprocess
 import sys
 
@@ -15,7 +14,6 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mbvi.cli import main as cli_main
 from mbvi.errors import CheckpointError
 from mbvi.models import DynamicsEnsemble
 from mbvi.models.termination import NeverTerminates
@@ -25,7 +23,7 @@ from mbvi.training.transitions import (
     TransitionsError,
     load_transitions,
 )
-from tests.conftest import CONFIGS, MBVI, cli_env
+from tests.conftest import CONFIGS, MBVI, cli_env, run_cli_in_process
 
 PENDULUM = str(CONFIGS / "models" / "pendulum.yaml")
 HALFCHEETAH = str(CONFIGS / "models" / "halfcheetah.yaml")
@@ -65,20 +63,9 @@ def mbvi(cwd, *args, timeout=300):
 
 
 def mbvi_here(capsys, *args) -> tuple[int, str]:
-    """``mbvi *args`` through ``mbvi.cli.main`` in this process -> (exit status, stderr)."""
-    environ, path, argv = dict(os.environ), list(sys.path), sys.argv
-    sys.argv = ["mbvi"]
-    try:
-        cli_main(list(args))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-    finally:
-        os.environ.clear()
-        os.environ.update(environ)
-        sys.path[:] = path
-        sys.argv = argv
-    return code, capsys.readouterr().err
+    """``mbvi *args`` in this process -> (exit status, stderr)."""
+    code, _, err = run_cli_in_process(capsys, *args)
+    return code, err
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mbvi.cli import main as cli_main
 from mbvi.models.dynamics_module import DynamicsModule
-from tests.conftest import CONFIGS, MBVI, cli_env
+from tests.conftest import CONFIGS, MBVI, cli_env, run_cli_in_process
 
 TINY = str(CONFIGS / "pendulum" / "mb_tiny.yaml")
 
@@ -93,10 +92,11 @@ def test_a_non_finite_model_loss_fails_the_run_and_keeps_the_checkpoint(
     broken.calls = 0
     monkeypatch.setattr(DynamicsModule, "fit_transitions", broken)
     uri = f"sqlite:///{workdir}/mlflow.db"
-    with pytest.raises(SystemExit):
-        cli_main(["fit", "--config", TINY, "--model.total_env_steps", "400",
-                  "--trainer.logger.init_args.tracking_uri", uri])  # fmt: skip
-    err = capsys.readouterr().err
+    code, _, err = run_cli_in_process(
+        capsys, "fit", "--config", TINY, "--model.total_env_steps", "400",
+        "--trainer.logger.init_args.tracking_uri", uri,
+    )  # fmt: skip
+    assert code != 0
     assert "world model (DynamicsEnsemble)" in err and "at env step 300" in err
     client, (run,) = _runs(workdir)
     assert run.info.status == "FAILED"
@@ -127,7 +127,7 @@ def test_model_based_value_learns_pendulum(workdir):
 
 
 @pytest.mark.slow
-def test_a_model_fitted_to_shuffled_targets_fails_the_same_threshold(workdir, monkeypatch):
+def test_a_model_fitted_to_shuffled_targets_fails_the_same_threshold(workdir, monkeypatch, capsys):
     """The learning test can fail: a model that learned nothing about the dynamics
     misleads the policy."""
     real = DynamicsModule.fit_transitions
@@ -140,7 +140,10 @@ def test_a_model_fitted_to_shuffled_targets_fails_the_same_threshold(workdir, mo
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     uri = f"sqlite:///{workdir}/mlflow.db"
-    cli_main(["fit", "--config", TINY, *MB_STEPS, "--trainer.logger.init_args.tracking_uri", uri])
+    code, _, err = run_cli_in_process(
+        capsys, "fit", "--config", TINY, *MB_STEPS, "--trainer.logger.init_args.tracking_uri", uri
+    )
+    assert code == 0, err[-3000:]
     client, (run,) = _runs(workdir)
     (final,) = client.get_metric_history(run.info.run_id, "eval/return")
     assert final.value < MB_THRESHOLD

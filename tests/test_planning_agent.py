@@ -10,13 +10,12 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mbvi.cli import main as cli_main
 from mbvi.errors import ConfigError
 from mbvi.planners import MPPI, SMC, Direct
 from mbvi.training.agent import VariationalAgent
 from mbvi.variational.model_value import ModelBasedValue
 from mbvi.variational.values import TwinQ
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, run_cli_in_process
 
 TINY = str(CONFIGS / "pendulum" / "mb_tiny.yaml")
 
@@ -42,10 +41,13 @@ def _small_value(horizon=2):
     ],
     ids=["smc", "mppi"],
 )  # fmt: skip
-def test_a_planner_trains_through_the_cli(workdir, engine):
+def test_a_planner_trains_through_the_cli(workdir, engine, capsys):
     uri = f"sqlite:///{workdir}/mlflow.db"
-    cli_main(["fit", "--config", TINY, "--model.total_env_steps", "250",
-              "--trainer.logger.init_args.tracking_uri", uri, *engine])  # fmt: skip
+    code, _, err = run_cli_in_process(
+        capsys, "fit", "--config", TINY, "--model.total_env_steps", "250",
+        "--trainer.logger.init_args.tracking_uri", uri, *engine,
+    )  # fmt: skip
+    assert code == 0, err[-3000:]
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert run.info.status == "FINISHED"

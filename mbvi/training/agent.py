@@ -36,18 +36,16 @@ from mbvi.training.checks import check_schedule, kl_target_per_dim
 from mbvi.training.components import build_component, component_params, component_spec
 from mbvi.training.m_step import m_step_losses
 from mbvi.training.metrics import RunningMeans
-from mbvi.training.model_error import open_loop_errors
 from mbvi.training.optim import adam_step, clear_grads, fused_adam
 from mbvi.training.replay import ReplayBuffer
 from mbvi.training.rng import capture_rng_state, restore_rng_state, side_stream
 from mbvi.training.runner import EnvRunner, evaluate
+from mbvi.training.world_fit import WorldFit, refit_due
 from mbvi.variational.diagnostics import amortisation_gap
 from mbvi.variational.objectives import TrajectoryObjective
 from mbvi.variational.priors import Prior, UniformPrior
 from mbvi.variational.values import TwinQ, ValueEstimate
 
-MODEL_ERROR_HORIZONS = tuple(range(1, 11))
-"""Horizons of the world model's open-loop error (plotted at the end of a run)."""
 ENV_STEPS_PER_BATCH = 8
 """Env steps per Lightning batch (``VariationalAgent.training_step``)."""
 
@@ -178,11 +176,10 @@ class VariationalAgent(L.LightningModule):
         self.env_steps = 0
         self.last_episode_return = float("nan")
         self.buffer: ReplayBuffer | None = None
-        self.synthetic: ReplayBuffer | None = None  # model rollouts (synthetic_ratio > 0)
         # A planner's warm start, one per env runner: training and evaluation never
         # share one, and each is reset when its episode ends.
         self._plan_states: dict[str, dict | None] = {"train": None, "eval": None}
-        self._model_errors: dict[int, list[float]] = {}  # env step -> error by horizon
+        self._world_fit = WorldFit(self.value, obs_dim, act_dim, seed)
         self._rng = np.random.default_rng(seed)
         self._metrics = RunningMeans()  # update metrics between flushes
         self._pending_rng: dict | None = None
@@ -251,10 +248,11 @@ class VariationalAgent(L.LightningModule):
         """A model-based run logs its world model's error over the horizon as
         ``model_error_by_horizon.png``."""
         logger = self.logger
-        if self._model_errors and logger is not None and hasattr(logger, "run_id"):
+        errors = self._world_fit.errors
+        if errors and logger is not None and hasattr(logger, "run_id"):
             from mbvi.tracking.figures import model_error_figure, plt
 
-            fig = model_error_figure(self._model_errors)
+            fig = model_error_figure(errors)
             logger.experiment.log_figure(logger.run_id, fig, "model_error_by_horizon.png")
             plt.close(fig)
 
@@ -294,11 +292,13 @@ class VariationalAgent(L.LightningModule):
     def _env_step(self) -> None:
         hp = self.hparams
         self._act_and_store()
-        if self.value.world_model is not None and self._model_due():
+        due = refit_due(self.env_steps, hp.warmup_steps, hp.model_every)
+        if self.value.world_model is not None and due:
             self.fit_world_model()
         if self.env_steps > hp.warmup_steps and len(self.buffer) >= hp.batch_size:
             for _ in range(hp.updates_per_step):
-                self._metrics.add(self.update(*self._batch()))
+                batch = self._world_fit.batch(self.buffer, hp.batch_size)
+                self._metrics.add(self.update(*batch))
         if self.env_steps % hp.log_every == 0:
             self._flush_metrics()
         if self.env_steps % hp.eval_every == 0 or self.env_steps >= hp.total_env_steps:
@@ -306,62 +306,12 @@ class VariationalAgent(L.LightningModule):
         if hp.gap_every and self.env_steps % hp.gap_every == 0 and self.env_steps > hp.warmup_steps:
             self.measure_amortisation_gap()
 
-    def _model_due(self) -> bool:
-        """A refit at the end of warm-up (before the first update) and every
-        ``model_every`` env steps after it."""
-        hp, n = self.hparams, self.env_steps
-        return n >= hp.warmup_steps and (n == hp.warmup_steps or n % hp.model_every == 0)
-
     def fit_world_model(self) -> dict[str, float]:
-        """Refit the value's world model on the replay buffer and log its metrics
-        (``model/train_nll``, ``model/holdout_nll``, ``model/holdout_mse``,
-        ``model/rollout_mse_h1|5|10``), stepped by env steps."""
-        model = self.value.world_model
-        metrics = self.value.update_model(self.buffer, self.env_steps)
-        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-        if bad:
-            raise NonFiniteError(
-                f"the world model ({type(model).__name__}) of {type(self.value).__name__} "
-                f"has a non-finite {bad[0]} at env step {self.env_steps}; training stopped "
-                "and the last good checkpoint is kept. Try a lower model_lr."
-            )
-        errors = open_loop_errors(model, self.buffer, MODEL_ERROR_HORIZONS)
-        if errors:
-            self._model_errors[self.env_steps] = list(errors.values())
-        metrics.update({f"model/rollout_mse_h{h}": errors[f"model/rollout_mse_h{h}"]
-                        for h in (1, 5, 10) if f"model/rollout_mse_h{h}" in errors})  # fmt: skip
-        if getattr(self.value, "synthetic_ratio", 0.0) > 0:
-            self._branch_rollouts()
+        """Refit the value's world model on the replay buffer (``WorldFit.refit``) and
+        log its metrics, stepped by env steps."""
+        metrics = self._world_fit.refit(self.buffer, self.env_steps)
         self._log(metrics)
         return metrics
-
-    def _branch_rollouts(self) -> None:
-        """Fill the synthetic buffer with the value's branched model rollouts from
-        replay states (``ModelBasedValue.synthetic_transitions``)."""
-        value = self.value
-        if self.synthetic is None:
-            capacity = value.synthetic_rollouts * value.synthetic_horizon * value.synthetic_keep
-            self.synthetic = ReplayBuffer(
-                capacity, self.runner.obs_dim, self.runner.act_dim, self.device,
-                seed=self.hparams.seed + 1,
-            )  # fmt: skip
-        starts = self.buffer.sample(value.synthetic_rollouts, self.synthetic.generator)[0]
-        self.synthetic.add_batch(*value.synthetic_transitions(starts))
-
-    def _batch(self) -> tuple[torch.Tensor, ...]:
-        """An update's batch: replay transitions, with a ``synthetic_ratio`` share from
-        model rollouts when the value asks for them."""
-        b = self.hparams.batch_size
-        ratio = getattr(self.value, "synthetic_ratio", 0.0)
-        if ratio > 0 and self.synthetic is None:  # e.g. just resumed: regenerate
-            self._branch_rollouts()
-        n_syn = int(round(ratio * b))
-        if n_syn == 0:
-            return self.buffer.sample(b)
-        if n_syn == b:
-            return self.synthetic.sample(b)
-        real, syn = self.buffer.sample(b - n_syn), self.synthetic.sample(n_syn)
-        return tuple(torch.cat(x) for x in zip(real, syn))
 
     def objective(self, s: torch.Tensor) -> TrajectoryObjective:
         """J̃ at states ``s`` [B,S] against the value with frozen parameters: what

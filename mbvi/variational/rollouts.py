@@ -49,10 +49,6 @@ class Rollout:
     kl: torch.Tensor
     alive: torch.Tensor
 
-    @property
-    def horizon(self) -> int:
-        return self.rewards.shape[0]
-
 
 def rollout(
     step: StepFn,

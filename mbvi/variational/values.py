@@ -30,6 +30,8 @@ class ValueEstimate(nn.Module):
     act_dim: int
     horizon: int = 0
     """H, the model steps inside Q̂ (0 for a model-free critic)."""
+    synthetic_ratio: float = 0.0
+    """Share of each update's batch drawn from model-generated transitions."""
 
     def build(self, obs_dim: int, act_dim: int, env=None) -> None:
         """Create parameters for the env's sizes; ``env`` (a Gymnasium env, optional)

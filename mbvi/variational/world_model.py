@@ -21,6 +21,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mbvi.errors import ConfigError
+
 Propagation = Literal["ts1", "mean", "expectation"]
 """How a particle moves through the ensemble (PETS's names):
 
@@ -122,8 +124,7 @@ class WorldModel(nn.Module):
 
 
 def check_propagation(propagation: str) -> None:
-    from mbvi.errors import ConfigError
-
+    """ConfigError unless ``propagation`` is one of ``PROPAGATIONS``."""
     if propagation not in PROPAGATIONS:
         raise ConfigError(
             f"propagation must be one of {', '.join(PROPAGATIONS)}, got {propagation!r}"
