@@ -38,6 +38,7 @@ from mbvi.pyro.sites import (
 from mbvi.variational.distributions import TanhGaussian
 from mbvi.variational.objectives import ValueFn
 from mbvi.variational.priors import Prior
+from mbvi.variational.rollouts import per_particle
 
 Dynamics = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """s_{t+1} = f(s_t [B,N,S], a_t [B,N,A]) -> [B,N,S]; deterministic, or a Pyro program."""
@@ -50,15 +51,6 @@ Policy = Callable[[torch.Tensor], TanhGaussian]
 def particle_states(s: torch.Tensor, n: int) -> torch.Tensor:
     """States [B,S] (shared by the particles, t = 0) or [B,N,S] -> [B,N,S]."""
     return s.unsqueeze(1).expand(-1, n, -1) if s.dim() == 2 else s
-
-
-def per_particle(fn: Callable, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Call ``fn(s [B,S], a [B,N,A]) -> [B,N]`` (the ValueFn contract) when every
-    particle has its own state ``s`` [B,N,S]: one state per row, one action each."""
-    if s.dim() == 2:
-        return fn(s, a)
-    b, n = a.shape[:2]
-    return fn(s.reshape(b * n, -1), a.reshape(b * n, 1, -1)).reshape(b, n)
 
 
 def _discount(gamma: float, t: int):

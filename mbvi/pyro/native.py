@@ -27,12 +27,12 @@ from collections.abc import Callable
 import torch
 
 from mbvi.errors import ConfigError
-from mbvi.pyro.model import OptimalityModel, Policy, per_particle
+from mbvi.pyro.model import OptimalityModel, Policy
 from mbvi.pyro.sites import program_name
 from mbvi.variational.distributions import TanhGaussian, tanh_log_det
 from mbvi.variational.objectives import trajectory_return
 from mbvi.variational.priors import Prior
-from mbvi.variational.rollouts import rollout
+from mbvi.variational.rollouts import per_particle, rollout
 from mbvi.variational.world_model import Step
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)

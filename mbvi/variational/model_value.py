@@ -10,13 +10,14 @@ on real transitions.  ``TrajectoryObjective`` over this value is the H-step obje
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import torch
 
 from mbvi.errors import ConfigError
 from mbvi.variational.objectives import TrajectoryObjective, trajectory_return
-from mbvi.variational.rollouts import frozen_module, rollout
+from mbvi.variational.rollouts import frozen_module, per_particle, rollout
 from mbvi.variational.values import TwinQ, ValueEstimate
 from mbvi.variational.world_model import Propagation, WorldModel, check_propagation
 
@@ -171,21 +172,15 @@ class ModelBasedValue(ValueEstimate):
                 return infer(rows, objective)
 
         roll = rollout(step, s, a, self.horizon, prior, policy, self.propagation)
-        if self.lam == 1.0:
-            values = self._leaf_rows(roll.states[-1], roll.actions[-1], frozen)
-        else:
-            values = self._leaf_rows(roll.states, roll.actions, frozen)
+        leaf = partial(self.leaf, frozen=frozen)
+        if self.lam == 1.0:  # the leaf value at s_H only
+            values = per_particle(leaf, roll.states[-1], roll.actions[-1])
+        else:  # the λ-return reads it at every step
+            values = per_particle(leaf, roll.states, roll.actions)
         return trajectory_return(roll.rewards, roll.kl, roll.alive, values, alpha, gamma, self.lam)
 
     def _leaf_frozen(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return self.leaf(s, a, frozen=True)
-
-    def _leaf_rows(self, s: torch.Tensor, a: torch.Tensor, frozen: bool) -> torch.Tensor:
-        """Leaf Q̂ of per-particle states ``s`` [...,S] and actions [...,A] -> [...]."""
-        shape = s.shape[:-1]
-        rows = s.reshape(-1, s.shape[-1])
-        q = self.leaf(rows, a.reshape(rows.shape[0], 1, -1), frozen=frozen)
-        return q.reshape(shape)
 
     def target(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return self.leaf.target(s, a)

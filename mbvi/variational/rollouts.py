@@ -117,6 +117,16 @@ def _next_action(
     return a.reshape(b, n, -1), kl.reshape(b, n)
 
 
+def per_particle(fn: Callable, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Call ``fn(s [B,S], a [B,N,A]) -> [B,N]`` (the ValueFn contract) when every
+    particle has its own state ``s`` [...,S] and action ``a`` [...,A]: one state per
+    row, one action each -> [...].  States [B,S] shared by the particles pass through."""
+    if s.dim() == 2:
+        return fn(s, a)
+    rows = s.reshape(-1, s.shape[-1])
+    return fn(rows, a.reshape(rows.shape[0], 1, -1)).reshape(s.shape[:-1])
+
+
 def frozen_module(module: nn.Module) -> Callable[..., object]:
     """``module``'s forward with its parameters detached: gradients reach the inputs
     but never the parameters.  How inference runs a world model or a policy inside a
