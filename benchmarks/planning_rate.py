@@ -5,16 +5,18 @@ Part 1: ``SMC``, ``MPPI`` and ``CEM`` at K = 256 particles and H = 10 through a
 ``DynamicsEnsemble`` at HalfCheetah-v5 sizes (obs 17, act 6; 7 members, 5 elites,
 4×200, random weights, ``ts1`` propagation) with a ``ModelBasedValue`` whose leaf is a
 ``TwinQ`` (256, 256), the paper's constant tanh-Gaussian prior, one state per plan
-(as when acting).  SMC resamples (systematic) at every step; MPPI and CEM run their
+(as when acting).  SMC runs compiled (``compile=True``; the eager one is printed
+beside it); it resamples (systematic) at every step; MPPI and CEM run their
 default 5 iterations (CEM with its default 32 elites) and keep their warm start
 between plans, as when acting.  A plan is one ``engine.infer`` plus drawing the action.
 
 Part 2: one plan of SMC (256 particles, H = 20, resampling every step) for one state of
-a small 2-D linear-quadratic world, by ``mbvi.planners.SMC`` and by
+a small 2-D linear-quadratic world, by ``mbvi.planners.SMC`` (compiled, and eager) and by
 ``mbvi.pyro.smc_reference.SMCReference`` (Pyro's ``SMCFilter``), in ms per plan.
 
 The arms alternate within every repeat, so that each sees the same load on a shared
-machine; medians over repeats, torch's default thread count.  The last line:
+machine; medians over repeats, torch's default thread count for part 1 and one
+thread for part 2 (both arms).  The last line:
 
     planning_rate smc_plans_per_s=… mppi_plans_per_s=… cem_plans_per_s=…
         realtime_factor=… vs_pyro_speedup=…
@@ -71,7 +73,10 @@ def cheetah_planners():
     s = torch.randn(1, OBS)
     objective = _objective(value, prior, s)
     engines = {
-        "smc": SMC(n_particles=K, horizon=H, resample="systematic", ess_threshold=1.0),
+        "smc": SMC(
+            n_particles=K, horizon=H, resample="systematic", ess_threshold=1.0, compile=True
+        ),
+        "smc_eager": SMC(n_particles=K, horizon=H, resample="systematic", ess_threshold=1.0),
         "mppi": MPPI(population=K, horizon=H),  # iterations=5
         "cem": CEM(population=K, horizon=H),  # iterations=5, elites=32
     }
@@ -121,14 +126,20 @@ def small_planners():
     value.bind(prior, None, lambda: ALPHA, GAMMA)
     s = torch.tensor([[1.0, -0.6]])
     objective = _objective(value, prior, s)
-    engine = SMC(n_particles=SMALL_K, horizon=SMALL_H, resample="systematic", ess_threshold=1.0)
+    engine, eager = (
+        SMC(n_particles=SMALL_K, horizon=SMALL_H, resample="systematic", ess_threshold=1.0,
+            compile=compiled)
+        for compiled in (True, False)
+    )  # fmt: skip
     engine.build(SMALL_OBS, SMALL_ACT)
+    eager.build(SMALL_OBS, SMALL_ACT)
     ref = SMCReference(
         prior, world, partial(value.leaf, frozen=True), ALPHA, GAMMA, SMALL_H, SMALL_K,
         ess_threshold=1.0,
     )  # fmt: skip
     return [
         ("mbvi", lambda: engine.infer(s, objective).sample(1)),
+        ("mbvi_eager", lambda: eager.infer(s, objective).sample(1)),
         ("pyro", lambda: ref.plan(s[0])),
     ]
 
@@ -160,10 +171,16 @@ def main() -> None:
     cheetah = interleaved_medians_s(cheetah_planners(), args.repeats)
     for name, sec in cheetah.items():
         print(f"{name}: {1e3 * sec:.1f} ms/plan, {1 / sec:.1f} plans/s (K={K}, H={H})")
+    # The small world's tensors (256 × 2) are too small for intra-op threads to help
+    # either arm; with several they only add each op's fork-join cost.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     small = interleaved_medians_s(small_planners(), args.repeats)
+    torch.set_num_threads(threads)
     mbvi_ms, pyro_ms = 1e3 * small["mbvi"], 1e3 * small["pyro"]
-    print(f"small world K={SMALL_K} H={SMALL_H}: mbvi SMC {mbvi_ms:.2f} ms/plan, "
-          f"Pyro SMCFilter {pyro_ms:.2f} ms/plan")  # fmt: skip
+    eager_ms = 1e3 * small["mbvi_eager"]
+    print(f"small world K={SMALL_K} H={SMALL_H}: mbvi SMC {mbvi_ms:.2f} ms/plan "
+          f"(eager {eager_ms:.2f}), Pyro SMCFilter {pyro_ms:.2f} ms/plan")  # fmt: skip
 
     smc, mppi, cem = (1 / cheetah[n] for n in ("smc", "mppi", "cem"))
     print(

@@ -226,23 +226,28 @@ class DynamicsEnsemble(WorldModel):
     def _one_elite_per_row(self, x: torch.Tensor, sample: bool, generator) -> torch.Tensor:
         """Each row of ``x`` [M,D] through one random elite, at the cost of one member:
         rows are shuffled into k equal groups (the last padded with repeated rows), the
-        elites are shuffled onto the groups, every group runs through its member in one
-        batched matmul, and the rows are put back in order.  A row's member is uniform
-        over the elites.  Returns normalised targets [M,T], sampled if ``sample``."""
+        groups are rotated by a random shift onto the elites (elite g runs group
+        (g + shift) mod k), every group runs through its member in one batched matmul,
+        and the rows are put back in order.  A row's member is uniform over the
+        elites, and the elites' weights are used in place (no per-step gather of a
+        shuffled order).  Returns normalised targets [M,T], sampled if ``sample``."""
         m, k = x.shape[0], self.elites
-        perm = torch.randperm(m, device=x.device, generator=generator)
-        order = self.elite_idx[torch.randperm(k, device=x.device, generator=generator)]
+        # A generator only when given: a compiled graph (SMC's ``compile``) takes none.
+        rng = {} if generator is None else {"generator": generator}
+        perm = torch.randperm(m, device=x.device, **rng)
         per = -(-m // k)
         rows = torch.cat([perm, perm[: per * k - m]]) if per * k > m else perm
-        out = self.net(x[rows].view(k, per, -1), order)
+        shift = torch.randint(k, (1,), device=x.device, **rng)
+        groups = (torch.arange(k, device=x.device) + shift) % k
+        out = self.net(x[rows.view(k, per)[groups]], self.elite_idx)
         mean, logvar = self._gaussian(out, sample)
         if sample:
-            noise = torch.randn(mean.shape, device=x.device, dtype=x.dtype, generator=generator)
+            noise = torch.randn(mean.shape, device=x.device, dtype=x.dtype, **rng)
             if torch.is_grad_enabled() and out.requires_grad:
                 mean = mean + (0.5 * logvar).exp() * noise
             else:  # fresh tensors nothing else holds: reuse their memory
                 mean = mean.addcmul_(logvar.mul_(0.5).exp_(), noise)
-        y = mean.reshape(per * k, -1)[:m]
+        y = torch.empty_like(mean).index_copy(0, groups, mean).reshape(per * k, -1)[:m]
         return y.new_empty(y.shape).index_copy(0, perm, y)
 
     def _terminated(self, s, a, nxt) -> torch.Tensor:

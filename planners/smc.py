@@ -75,6 +75,10 @@ class SMC(ProposalEngine):
             model-free and H > 1.
         gamma: γ when the value is not a bound ``ModelBasedValue`` (whose γ is used).
         mode: ``mean`` or ``best`` for ``mean_action``.
+        compile: run the particle loop through ``torch.compile`` (one graph per batch
+            size, the loop unrolled): the first plan compiles for tens of seconds, later
+            plans skip most of eager PyTorch's per-operation overhead, which dominates
+            with small models.  Needs a C++ compiler on CPU.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class SMC(ProposalEngine):
         model: WorldModel | None = None,
         gamma: float = 0.99,
         mode: str = "mean",
+        compile: bool = False,
     ):
         super().__init__()
         check_count("SMC", "n_particles", n_particles)
@@ -102,6 +107,7 @@ class SMC(ProposalEngine):
         self.n_particles, self.horizon, self.resample = n_particles, horizon, resample
         self.ess_threshold, self.model, self.gamma, self.mode = ess_threshold, model, gamma, mode
         self._set_proposal(proposal)
+        self.compile, self._compiled = compile, None
 
     def infer(self, s: torch.Tensor, objective: TrajectoryObjective) -> WeightedParticles:
         self.check_states(s, self.obs_dim)
@@ -124,6 +130,27 @@ class SMC(ProposalEngine):
         return draw.a.reshape(b, k, -1), draw.u.reshape(b, k, -1), ratio
 
     def _plan(self, s: torch.Tensor, objective: TrajectoryObjective, world: World):
+        trajectories = self._trajectories
+        if self.compile:
+            if self._compiled is None:
+                # Static shapes: one graph per (B, K, H), the loop unrolled, so that the
+                # per-step elementwise work fuses around the model's and critic's matmuls.
+                self._compiled = torch.compile(
+                    self._trajectories,
+                    dynamic=False,
+                    options={"fallback_random": True, "cpp_wrapper": True},
+                )
+            trajectories = self._compiled
+        first_a, first_u, log_w, collapsed, resampled, log_q = trajectories(s, objective, world)
+        # Without resampling the particles are one draw from q, whose density KL needs.
+        log_q = None if bool(resampled) else log_q
+        return WeightedParticles(first_a, log_w, log_q, first_u, self.mode, collapsed)
+
+    def _trajectories(self, s: torch.Tensor, objective: TrajectoryObjective, world: World):
+        """Algorithm 1 without data-dependent branches (a state that needs no
+        resampling keeps its particles through ``torch.where``), so that it compiles
+        into one graph.  Returns (first actions a_0 [B,K,A], their u, log-weights
+        [B,K], collapsed [B], whether any state resampled (0-dim bool), log q(a_0) [B,K])."""
         b, k, alpha, gamma = s.shape[0], self.n_particles, objective.alpha, world.gamma
         # t = 0: importance sampling of a_0 (Eq. 11), the proposal drawn once per state.
         draw = propose(objective.prior, s, k, self.proposal_posterior(s, objective))
@@ -133,21 +160,22 @@ class SMC(ProposalEngine):
         log_w = q_t / alpha + (draw.log_p - draw.log_q)
         discount, alive = 1.0, torch.ones_like(q_t)  # γ^{t-1}, m_{t-1}
         collapsed = torch.zeros(b, dtype=torch.bool, device=s.device)
-        resampled = False
+        resampled = torch.zeros((), dtype=torch.bool, device=s.device)
+        keep = torch.arange(k, device=s.device).expand(b, k)
+        uniform = torch.full_like(log_w, -math.log(k))
         for _ in range(1, self.horizon):
             log_w, dead = normalise_log_weights(log_w)
-            collapsed |= dead
-            need = ess(log_w) / k <= self.ess_threshold
+            collapsed = collapsed | dead
             if self.ess_threshold >= 1.0:  # ESS = K can round above K: always resample
-                need = torch.ones_like(need)
-            if need.any():
-                resampled = True
-                keep = torch.arange(k, device=s.device).expand(b, k)
-                idx = torch.where(need.unsqueeze(-1), resample(self.resample, log_w), keep)
-                s_t, a, q_t, alive, first_a, first_u = (
-                    take_particles(x, idx) for x in (s_t, a, q_t, alive, first_a, first_u)
-                )
-                log_w = torch.where(need.unsqueeze(-1), torch.full_like(log_w, -math.log(k)), log_w)
+                need = torch.ones_like(dead)
+            else:
+                need = ess(log_w) / k <= self.ess_threshold
+            resampled = resampled | need.any()
+            idx = torch.where(need.unsqueeze(-1), resample(self.resample, log_w), keep)
+            s_t, a, q_t, alive, first_a, first_u = (
+                take_particles(x, idx) for x in (s_t, a, q_t, alive, first_a, first_u)
+            )
+            log_w = torch.where(need.unsqueeze(-1), uniform, log_w)
             out = world.step(s_t.reshape(b * k, -1), a.reshape(b * k, -1), world.propagation)
             s_t = out.next_state.reshape(b, k, -1)
             r = out.reward.reshape(b, k)
@@ -157,6 +185,4 @@ class SMC(ProposalEngine):
             increment = discount * (alive * r + gamma * alive_next * q_next - alive * q_t)
             log_w = log_w + increment / alpha + log_ratio
             discount, alive, q_t = discount * gamma, alive_next, q_next
-        # Without resampling the particles are one draw from q, whose density KL needs.
-        log_q = None if resampled else draw.log_q
-        return WeightedParticles(first_a, log_w, log_q, first_u, self.mode, collapsed)
+        return first_a, first_u, log_w, collapsed, resampled, draw.log_q

@@ -319,6 +319,19 @@ def test_resampling_preserves_the_weighted_mean_in_expectation(resampler):
     assert abs(means.mean() - target) < 4 * se, (means.mean(), target, se)
 
 
+def test_particle_draws_follow_the_weights_and_skip_zero_weights():
+    """``WeightedParticles.indices``: 200,000 draws over 8 particles (two of zero
+    weight) match the weights within 5 binomial SE each, and never pick a zero."""
+    torch.manual_seed(8)
+    w = torch.tensor([0.3, 0.0, 0.05, 0.2, 0.0, 0.25, 0.15, 0.05], dtype=F64)
+    post = WeightedParticles(torch.zeros(1, 8, 1, dtype=F64), w.log().unsqueeze(0))
+    n = 200_000
+    freq = torch.bincount(post.indices(n)[0], minlength=8).to(F64) / n
+    se = (w * (1 - w) / n).sqrt()
+    assert (freq[w == 0] == 0).all(), freq
+    assert ((freq - w).abs() <= 5 * se + 1e-12).all(), (freq, w)
+
+
 def test_systematic_resampling_gives_floor_or_ceil_of_k_w():
     torch.manual_seed(7)
     k = 40

@@ -102,8 +102,14 @@ class WeightedParticles(Posterior):
         return torch.exp(-torch.logsumexp(2.0 * self.log_weights, -1))
 
     def indices(self, n: int) -> torch.Tensor:
-        """n particle indices per state drawn by weight (with replacement), ``[B,n]``."""
-        return torch.multinomial(self.weights, n, replacement=True)
+        """n particle indices per state drawn by weight (with replacement), ``[B,n]``:
+        independent uniforms through the weights' CDF (what ``torch.multinomial``
+        draws, without its per-call setup, which dominates when acting on one state)."""
+        cdf = self.weights.cumsum(-1)
+        w = self.log_weights
+        u = torch.rand(w.shape[0], n, dtype=w.dtype, device=w.device) * cdf[:, -1:]
+        # right=True: the first k with cdf_k > u, so zero-weight particles are skipped.
+        return torch.searchsorted(cdf, u, right=True).clamp_max(w.shape[1] - 1)
 
     def sample(self, n: int) -> torch.Tensor:
         """n actions per state drawn by weight (with replacement), ``[B,n,A]``."""
