@@ -30,7 +30,8 @@ _FROM_N01 = ("--model.engine.init_loc=0.0", "--model.engine.init_log_scale=0.0")
 _IMPORTANCE = ("--model.engine=mbvi.planners.ImportanceSampling",
                "--model.engine.n_particles={particles}")  # fmt: skip
 _SMC = ("--model.engine=mbvi.planners.SMC", "--model.engine.n_particles={particles}",
-        "--model.engine.horizon={smc_horizon}",
+        "--model.engine.horizon={smc_horizon}", "--model.engine.ess_threshold=0.5",
+        "--model.engine.mode=best", "--model.engine.compile={compile}",
         "--model.engine.proposal=mbvi.planners.Direct")  # fmt: skip
 _NO_MODEL = Skip(
     "SMC plans H steps through a world model and a model-free value has none; its "
@@ -61,9 +62,11 @@ TABLE_1: dict[tuple[str, str, str], tuple[str, ...] | Skip] = {
 PRESETS = {
     # base config per value (in configs/<env>/), default env steps, sizes for TABLE_1
     "tiny": dict(configs={"model-free": "tiny.yaml", "model-based": "mb_tiny.yaml"},
-                 steps=150, hidden="[32,32]", samples=2, particles=16, smc_horizon=2),
+                 steps=150, hidden="[32,32]", samples=2, particles=16, smc_horizon=2,
+                 compile="false"),
     "full": dict(configs={"model-free": "sac.yaml", "model-based": "mb_direct.yaml"},
-                 steps=3000, hidden="[256,256]", samples=4, particles=64, smc_horizon=5),
+                 steps=3000, hidden="[256,256]", samples=4, particles=64, smc_horizon=5,
+                 compile="true"),
 }  # fmt: skip
 
 # Class names of the logged parameters -> the table's names.
