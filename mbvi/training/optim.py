@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.optim import optimizer as _optimizer_module
+
+from mbvi._private_torch import FUSED_ADAM, OPTIMIZER_GLOBAL_HOOKS, add_
 
 
 def fused_adam(parts: Sequence[tuple[Sequence[torch.Tensor], float]]) -> torch.optim.Adam:
@@ -33,12 +34,10 @@ def clear_grads(optimizer: torch.optim.Optimizer) -> None:
             p.grad = None
 
 
-# Private torch names that Adam.step itself uses; without them, Adam.step is used.
-_FUSED_KERNEL = getattr(torch, "_fused_adam_", None)
-_GLOBAL_HOOKS = [
-    getattr(_optimizer_module, name, None)
-    for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
-]
+# Private torch names that Adam.step itself uses (mbvi._private_torch); without them,
+# Adam.step is used.
+_FUSED_KERNEL = FUSED_ADAM
+_GLOBAL_HOOKS = OPTIMIZER_GLOBAL_HOOKS
 
 
 def adam_step(optimizer: torch.optim.Adam) -> None:
@@ -77,7 +76,7 @@ def adam_step(optimizer: torch.optim.Adam) -> None:
     with torch.no_grad():
         for group, params, grads, exp_avgs, exp_avg_sqs, steps in work:
             beta1, beta2 = group["betas"]
-            torch._foreach_add_(steps, 1)
+            add_(steps, 1)
             _FUSED_KERNEL(
                 params,
                 grads,

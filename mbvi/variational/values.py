@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mbvi._private_torch import polyak_
 from mbvi.errors import ConfigError
 from mbvi.models.q import QEnsemble
 
@@ -134,4 +135,4 @@ class TwinQ(ValueEstimate):
 
     @torch.no_grad()
     def update_target(self) -> None:
-        torch._foreach_lerp_(list(self.q_target.parameters()), list(self.q.parameters()), self.tau)
+        polyak_(self.q_target.parameters(), self.q.parameters(), self.tau)
