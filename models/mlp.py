@@ -14,10 +14,9 @@ class _MaskFreeReLU(torch.autograd.Function):
 
     ReLU's own backward compares with 0, and under ``torch.compile`` that comparison
     becomes a bool mask saved between forward and backward.  Inductor's CPU code
-    converts float masks to and from bool tens of times slower than it runs float
-    arithmetic (~1 ms per 256 × 512 mask here, against ~25 µs for the ReLU itself),
-    which made a compiled SAC update slower than the eager one.  Same values and
-    gradients as ReLU (NaN in, NaN out).
+    converts float masks to and from bool far more slowly than it runs float
+    arithmetic, which made a compiled SAC update slower than the eager one (figures in
+    docs/performance.md).  Same values and gradients as ReLU (NaN in, NaN out).
     """
 
     @staticmethod

@@ -83,11 +83,11 @@ _scratch = _Scratch()
 # Rows (states × actions) per chunk on CPU.  Q̂ is independent across states, so the
 # states run in slices: a chunk's activations (2 critics × 2048 rows × 256 floats =
 # 4 MiB per layer) stay in cache, whereas one pass over the paper's 128 × 200 actions
-# streams 52 MiB per layer (chunking measured 2.2x faster when introduced).
+# streams 52 MiB per layer (the gain is in docs/performance.md).
 CHUNK_ROWS = 2048
 
 # Fewer rows (states × actions) than this take autograd through ``forward`` on CPU: at
-# SAC's one action per state (256 rows) it runs 1.5x faster than the hand-written pass,
+# SAC's one action per state (256 rows) it runs faster than the hand-written pass,
 # whose per-member fused layers and gathers only pay off from about 1,000 rows up.
 MIN_FAST_ROWS = 1024
 
@@ -134,11 +134,11 @@ def _ensemble_forward(
             x = hidden[-1]
             hidden.append([_linear_relu(x[e], w[e].t(), bias[e, 0]) for e in range(members)])
         else:
-            # bmm then add_: ~10% faster on CPU than baddbmm (which first copies the bias).
+            # bmm then add_: faster on CPU than baddbmm, which first copies the bias.
             h = _scratch.take(f"h{layer}", (members, b * n, w.shape[-1]), a)
             hidden.append(torch.bmm(hidden[-1], w, out=h).add_(bias).relu_())
-    # The output layer is a matrix-vector product per member: addmm runs it 3-4x faster
-    # on CPU than a batched matmul with one output column.
+    # The output layer is a matrix-vector product per member: addmm runs it faster on
+    # CPU than a batched matmul with one output column.
     x, w, bias = hidden[-1], params[-2], params[-1]
     q = a.new_empty(members, b * n, 1)
     for e in range(members):
@@ -222,8 +222,8 @@ def _action_gradient(
             d = _relu_backward_(d, acts[layer])
             w = weights[layer][e]
             d = torch.mm(d, w.t(), out=_scratch.take(f"d{layer}", (r, w.shape[0]), d))
-        # Through the first layer's action rows [A,H]: as (W_a · dᵀ)ᵀ, which runs ~2x
-        # faster on CPU than d · W_aᵀ with its A (a few) output columns.
+        # Through the first layer's action rows [A,H]: as (W_a · dᵀ)ᵀ, which runs faster
+        # on CPU than d · W_aᵀ with its A (a few) output columns.
         d = (weights[0][e, obs_dim:] @ _relu_backward_(d, acts[0]).t()).t()
         if gather:
             grad.index_copy_(0, idx, d)

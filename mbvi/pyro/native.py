@@ -152,14 +152,13 @@ def compiled_objective() -> Callable[..., tuple[torch.Tensor, dict[str, torch.Te
     """``native_objective`` through ``torch.compile`` (inductor, static shapes), for
     act-sized batches: a planner's per-step call on one state × N particles.
 
-    There eager torch spends its time dispatching a few hundred tiny ops (about 10 µs
-    each on a 2-core CPU), not computing; the compiled graph fuses the elementwise
-    work and its backward.  Measured by ``benchmarks/pyro_overhead.py`` on 2 CPU
-    cores at 1 state × 16 particles, H = 5: 1.9 ms against 5.9 ms eager.  At 256
-    states it is *slower* than eager (72 vs 59 ms; the matmuls dominate), so keep
-    ``native_objective`` for update-sized batches.
+    There eager torch spends its time dispatching a few hundred tiny ops, not
+    computing; the compiled graph fuses the elementwise work and its backward.  At
+    update-sized batches it is *slower* than eager (the matmuls dominate), so keep
+    ``native_objective`` there.  ``benchmarks/pyro_overhead.py`` measures both;
+    figures in docs/performance.md.
 
-    Each new input shape, model or policy compiles once (30-50 s on 2 CPU cores;
+    Each new input shape, model or policy compiles once (tens of seconds on a CPU;
     inductor caches on disk), so it pays only in a loop that calls it many times.
     Fresh samples come from inductor's own generator (seeded from torch's), so they
     differ from the eager function's under the same seed; with fixed ``actions`` the
