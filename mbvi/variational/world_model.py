@@ -80,8 +80,10 @@ class WorldModel(nn.Module):
     obs_dim: int
     act_dim: int
 
-    def build(self, obs_dim: int, act_dim: int) -> None:
-        """Create parameters for the environment's sizes."""
+    def build(self, obs_dim: int, act_dim: int, termination: nn.Module | None = None) -> None:
+        """Create parameters for the environment's sizes.  ``termination(s, a, s')
+        -> [M]`` is the env's termination rule (None: never), passed by
+        ``ModelBasedValue``; a model that predicts termination itself may ignore it."""
         self.obs_dim, self.act_dim = obs_dim, act_dim
 
     def step(
