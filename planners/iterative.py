@@ -177,7 +177,7 @@ class Iterative(InferenceEngine):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """−Σ_{k=1..K} J̃(λ_k), averaged over states, each J̃ from ``loss_samples``.
 
-        Metrics (detached): ``kl`` [B], ``q`` [B], ``loc`` and ``log_scale`` [B,A] of λ_K,
+        Metrics (detached): ``kl``, ``q``, ``log_pi`` [B], ``loc`` and ``log_scale`` [B,A] of λ_K,
         ``j_iter_k`` (the batch mean of J̃(λ_k), k = 0..K, 0 being the initialisation:
         Fig. 2's improvement over iterations), ``gate_loc`` and ``gate_log_scale``
         (mean gates).
@@ -191,5 +191,6 @@ class Iterative(InferenceEngine):
             j, last = objective(posterior, self.loss_samples)
             total = total + j
             metrics[f"j_iter_{k}"] = j.detach().mean()
-        metrics.update(gates, kl=last["kl"], q=last["q"], **posterior_metrics(posteriors[-1]))
+        metrics.update(gates, kl=last["kl"], q=last["q"], log_pi=last["log_pi"])
+        metrics.update(posterior_metrics(posteriors[-1]))
         return -total.mean(), metrics

@@ -9,6 +9,7 @@ from mbvi.variational.distributions import TanhGaussian
 from mbvi.variational.objectives import (
     TrajectoryObjective,
     alpha_loss,
+    entropy_alpha_loss,
     soft_objective,
     soft_td_target,
 )
@@ -78,6 +79,38 @@ def test_objective_sample_kl_for_uniform_prior():
     kl = (post.log_prob_u(u) + 2 * math.log(2)).mean(-1)
     torch.testing.assert_close(m["kl"], kl)
     torch.testing.assert_close(j, soft_objective(torch.zeros(3, 5), kl, 2.0))
+
+
+@pytest.mark.parametrize("prior_cls", [UniformPrior, ConstantTanhGaussianPrior])
+def test_objective_reports_log_pi_of_its_samples(prior_cls):
+    """``log_pi`` is the mean log π of the very samples E[Q̂] used, under a closed-form
+    KL too; in the entropy form the uniform prior's KL term is that log π itself."""
+    post, s = _posterior(), torch.zeros(3, 4)
+    prior = prior_cls()
+    prior.build(4, 2)
+    obj = TrajectoryObjective(s, lambda s_, a: a.sum(-1), prior, alpha=0.5)
+    torch.manual_seed(4)
+    _, m = obj(post, 6)
+    torch.manual_seed(4)
+    _, u = post.rsample(6)
+    log_pi = post.log_prob_u(u).mean(-1)
+    torch.testing.assert_close(m["log_pi"], log_pi)
+    if prior_cls is UniformPrior:
+        prior.set_kl_form("entropy")
+        torch.manual_seed(4)
+        j, m = obj(post, 6)
+        torch.testing.assert_close(m["kl"], log_pi)
+        torch.testing.assert_close(j, m["q"] - 0.5 * log_pi)  # E[Q̂] + α H(π)
+
+
+def test_entropy_alpha_loss_sign_and_fixed_point():
+    log_alpha = torch.zeros((), requires_grad=True)
+    # Entropy −log π = 3, above the target −2: descending the loss must lower α.
+    entropy_alpha_loss(log_alpha, torch.tensor([-3.0]), target_entropy=-2.0).backward()
+    assert log_alpha.grad.item() == pytest.approx(3.0 - (-2.0))
+    log_alpha.grad = None
+    entropy_alpha_loss(log_alpha, torch.tensor([2.0, 2.0]), target_entropy=-2.0).backward()
+    assert log_alpha.grad.item() == 0.0  # fixed point at H(π) = H*
 
 
 def test_objective_gradient_matches_finite_differences():

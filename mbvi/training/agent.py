@@ -34,7 +34,7 @@ from mbvi.training.callbacks import DeferredInterrupt, EnvStepCheckpoint, EnvSte
 from mbvi.training.checkpoints import agent_state, load_agent_state
 from mbvi.training.checks import check_schedule, kl_target_per_dim
 from mbvi.training.components import build_component, component_params, component_spec
-from mbvi.training.m_step import m_step_losses
+from mbvi.training.m_step import AlphaTarget, TDInference, check_m_step_options, m_step_losses
 from mbvi.training.metrics import RunningMeans
 from mbvi.training.optim import adam_step, clear_grads, fused_adam
 from mbvi.training.replay import ReplayBuffer
@@ -43,7 +43,7 @@ from mbvi.training.runner import EnvRunner, evaluate
 from mbvi.training.world_fit import WorldFit, refit_due
 from mbvi.variational.diagnostics import amortisation_gap
 from mbvi.variational.objectives import TrajectoryObjective
-from mbvi.variational.priors import Prior, UniformPrior
+from mbvi.variational.priors import KLForm, Prior, UniformPrior
 from mbvi.variational.values import TwinQ, ValueEstimate
 
 ENV_STEPS_PER_BATCH = 8
@@ -78,11 +78,26 @@ class VariationalAgent(L.LightningModule):
         alpha_lr: Adam learning rate of log α.
         prior_lr: Adam learning rate of a learned prior's parameters.
         init_alpha: initial temperature α (> 0).
-        autotune_alpha: tune α so that KL(π‖p) tracks ``target_kl_per_dim`` · A.
+        autotune_alpha: tune α towards ``alpha_target`` (else α stays ``init_alpha``).
         target_kl_per_dim: KL target per action dimension; None takes the prior's
             default: 1 + log 2 ≈ 1.69 nats for UniformPrior (SAC's entropy target −A)
             and for ConstantTanhGaussianPrior (the same budget), 0.5 for LearnedPrior
-            (an MPO-style step bound, see its ``default_kl_target``).
+            (an MPO-style step bound, see its ``default_kl_target``).  Read by
+            ``alpha_target='kl'`` only.
+        alpha_target: what α is tuned towards: ``kl`` keeps KL(π‖p) at
+            ``target_kl_per_dim`` · A; ``entropy`` is SAC's procedure (Haarnoja et al.
+            2018c), the posterior's entropy at −A whatever the prior, as §4.1 tunes it.
+            The two coincide under UniformPrior (docs/fidelity.md).
+        kl_form: how Eq. 7's KL terms read a prior of constant density: ``entropy``
+            drops its constant log-density, so KL(π‖U) becomes −H(π) and the objective,
+            TD target and α are SAC's exactly; ``kl`` keeps Eq. 7's per-step α A log 2,
+            which makes an early termination cheaper.  None (default): ``entropy``
+            under UniformPrior, ``kl`` under every other prior (``entropy`` is refused
+            there: nothing constant to drop).
+        td_inference: the critic the TD target's next-state posterior is inferred
+            against: ``target`` (the target critic, also used for the backup's values)
+            or ``online`` (the critic acting uses).  Only engines whose inference
+            reads Q̂ (Iterative, GradientRefinement, planners) tell them apart.
         buffer_size: replay capacity in transitions.
         eval_every: env steps between deterministic (mean-action) evaluations.
         eval_episodes: episodes per evaluation.
@@ -97,9 +112,9 @@ class VariationalAgent(L.LightningModule):
         model_every: env steps between refits of a model-based value's world model
             (the first refit comes when warm-up ends, before the first update).
         compile: run each update's losses (forward and backward) through
-            ``torch.compile``.  The first update compiles for about 10-30 s (less
+            ``torch.compile``.  The first update pays a one-off compile (shorter
             once inductor's on-disk cache holds the graphs); SAC updates then run
-            about 1.3x faster on a 2-core CPU.  Meant for amortised engines
+            faster on a CPU (figures in docs/performance.md).  Meant for amortised engines
             (``Direct``, ``Iterative``): code that dynamo cannot trace stays eager, and
             engines that run an optimiser or threads inside inference
             (``GradientRefinement``; ``Iterative`` at the paper's sample count) break
@@ -125,6 +140,9 @@ class VariationalAgent(L.LightningModule):
         init_alpha: float = 1.0,
         autotune_alpha: bool = True,
         target_kl_per_dim: float | None = None,
+        alpha_target: AlphaTarget = "kl",
+        kl_form: KLForm | None = None,
+        td_inference: TDInference = "target",
         buffer_size: int = 1_000_000,
         eval_every: int = 2_000,
         eval_episodes: int = 5,
@@ -139,6 +157,7 @@ class VariationalAgent(L.LightningModule):
     ):
         super().__init__()
         check_schedule(locals())
+        check_m_step_options(alpha_target, td_inference, target_kl_per_dim)
         prior, engine, value = (build_component(c) for c in (prior, engine, value))
         self.automatic_optimization = False
         L.seed_everything(seed, verbose=False)
@@ -155,6 +174,7 @@ class VariationalAgent(L.LightningModule):
         for name in ("prior", "engine", "value"):
             self.hparams[name] = component_spec(getattr(self, name))
         self.prior.build(obs_dim, act_dim)
+        self.prior.set_kl_form(kl_form)
         self.engine.build(obs_dim, act_dim)
         self.value.build(obs_dim, act_dim, env=self.runner.env)
         self.engine.check_prior(self.prior)
@@ -188,10 +208,10 @@ class VariationalAgent(L.LightningModule):
         self._losses = self._eager_losses
         if compile:
             # Random draws by aten's generator, as in eager mode: inductor's own CPU
-            # sampler was ~3x slower here, and a seeded run draws the same numbers
-            # whether it compiles or not.  On CPU-only machines the graph's kernels are
-            # called from C++ rather than Python (3-5% off a SAC update here; ~10 s
-            # more to compile once).
+            # sampler was slower, and a seeded run draws the same numbers whether it
+            # compiles or not.  On CPU-only machines the graph's kernels are called
+            # from C++ rather than Python: less per-kernel overhead, for a longer
+            # one-off compile (docs/performance.md).
             options = {"fallback_random": True, "cpp_wrapper": not torch.cuda.is_available()}
             self._losses = torch.compile(self._eager_losses, options=options)
 
@@ -273,9 +293,9 @@ class VariationalAgent(L.LightningModule):
     def training_step(self, batch, batch_idx):
         """Up to ``ENV_STEPS_PER_BATCH`` env steps, each followed by its updates.
 
-        A Lightning batch costs hundreds of µs of trainer bookkeeping (hooks, fetching,
-        result collection; up to ~0.8 ms on a busy 2-core machine), a few percent of a
-        SAC step; several env steps per batch pay it once.  A batch ends at every
+        A Lightning batch costs trainer bookkeeping (hooks, fetching, result
+        collection), a few percent of a SAC step (docs/performance.md); several env
+        steps per batch pay it once.  A batch ends at every
         multiple of ``checkpoint_every``, so that periodic checkpoints land on exact env
         steps, and at the end of the budget.
         """
@@ -375,6 +395,7 @@ class VariationalAgent(L.LightningModule):
         return m_step_losses(
             self.value, self.engine, self.prior, self.log_alpha, self.kl_target,
             self.hparams.gamma, s, a, r, s2, term,
+            alpha_target=self.hparams.alpha_target, td_inference=self.hparams.td_inference,
         )  # fmt: skip
 
     # ---- metrics --------------------------------------------------------------------

@@ -7,6 +7,14 @@ One definition serves every user: ``trajectory_return`` scores imagined trajecto
 check; ``TrajectoryObjective`` is J̃(s, π) = E_π[Q̂_H(s, a)] − α KL_0, whose Q̂_H is
 a model-free critic (H = 0: Eq. 16 exactly) or ``ModelBasedValue``'s H-step return.
 
+KL forms.  Every KL term here is KL(π‖p) read through ``prior.log_prob`` (or the
+prior's closed form), so the prior's ``kl_form`` (``Prior.set_kl_form``) reaches the
+policy loss, the TD target (Eq. 9-10), the model-based value's future terms and the
+planners' weights alike.  Under the uniform prior KL(π‖U) = −H(π) + A log 2: the
+``kl`` form (Eq. 7) charges α A log 2 on every step a trajectory lives, so a
+termination that ends the sum early saves that charge; the ``entropy`` form drops the
+constant (Eq. 12), which is SAC's objective exactly.
+
 Shapes: H horizon, B states, N action samples, A action dims.
 """
 
@@ -56,7 +64,8 @@ def trajectory_return(
     Args:
         rewards: r_t, ``[H,B,N]``.
         kl: KL_t of the step-t policy to the prior (a closed form or log π/p of the
-            sample), ``[H+1,B,N]``; 0 where the action was given (a_0 of Q̂(s, a_0)).
+            sample, in the prior's ``kl_form``), ``[H+1,B,N]``; 0 where the action was
+            given (a_0 of Q̂(s, a_0)).
         alive: m_t, the probability that no termination came before step t,
             ``[H+1,B,N]`` (m_0 = 1): a termination stops the sum.
         values: the leaf value Q̂(s_h, a_h), ``[B,N]`` for h = H only, or
@@ -113,13 +122,25 @@ def policy_kl(
 
 
 def alpha_loss(log_alpha: torch.Tensor, kl: torch.Tensor, kl_target: float) -> torch.Tensor:
-    """Temperature loss log α · (KL* − KL̂): gradient descent raises α while the
-    posterior's KL to the prior exceeds the target KL*, and lowers it otherwise.
+    """Temperature loss log α · (KL* − KL̂) (the ``kl`` α target): gradient descent
+    raises α while the posterior's KL to the prior exceeds the target KL*, and lowers
+    it otherwise.  ``kl`` [B] is treated as a constant.
 
     With the uniform prior and KL* = A(1 + log 2) this is exactly SAC's entropy-target
-    loss −log α · (log π + H*) with H* = −A.  ``kl`` [B] is treated as a constant.
+    loss (``entropy_alpha_loss`` with H* = −A).  Under any other prior it is not: it
+    bounds the distance to the prior, not the posterior's entropy.
     """
     return (log_alpha * (kl_target - kl.detach())).mean()
+
+
+def entropy_alpha_loss(
+    log_alpha: torch.Tensor, log_pi: torch.Tensor, target_entropy: float
+) -> torch.Tensor:
+    """SAC's temperature loss (Haarnoja et al., 2018c, §5): −log α · (log π + H*),
+    the bracket detached, averaged over ``log_pi`` (log π of sampled actions, [B]).
+    Gradient descent raises α while the posterior's entropy −E[log π] is below the
+    target H* (SAC's H* = −A), whatever the prior: the procedure §4.1 tunes α by."""
+    return -(log_alpha * (log_pi + target_entropy).detach()).mean()
 
 
 class TrajectoryObjective:
@@ -160,19 +181,24 @@ class TrajectoryObjective:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """J̃ [B] for a posterior, estimated with ``n_samples`` actions (reparameterised
         for a tanh-Gaussian, in ± pairs when ``antithetic``), and metrics (``q`` [B],
-        ``kl`` [B], detached)."""
+        ``kl`` [B] in the prior's ``kl_form``, and for a tanh-Gaussian ``log_pi`` [B],
+        the mean log π of the samples, which SAC's α loss reads; all detached)."""
         if not isinstance(posterior, TanhGaussian):
             a = posterior.sample(n_samples)
             kl = policy_kl(posterior, self.prior, self.states, a, self.prior_dist)
-        elif self.prior_dist is not None:
-            a, _ = posterior.rsample(n_samples, antithetic)
+            q = self.value(self.states, a)
+            return soft_objective(q, kl, self.alpha), {
+                "q": q.mean(-1).detach(),
+                "kl": kl.detach(),
+            }
+        a, u, log_pi = posterior.rsample_with_log_prob(n_samples, antithetic)
+        if self.prior_dist is not None:
             kl = posterior.kl(self.prior_dist)
         else:
-            a, u, log_pi = posterior.rsample_with_log_prob(n_samples, antithetic)
             kl = (log_pi - self.prior.log_prob(self.states, a, u)).mean(-1)
         q = self.value(self.states, a)
         j = soft_objective(q, kl, self.alpha)
-        return j, {"q": q.mean(-1).detach(), "kl": kl.detach()}
+        return j, {"q": q.mean(-1).detach(), "kl": kl.detach(), "log_pi": log_pi.mean(-1).detach()}
 
     def action_values(self, a: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
         """Q̂(s,a) + α log p_θ(a|s) for actions [B,N,A]: α times the log of the

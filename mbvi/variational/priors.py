@@ -11,15 +11,22 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 
+from mbvi._private_torch import polyak_
 from mbvi.errors import ConfigError
 from mbvi.models.prior_net import PriorNet
 from mbvi.variational.distributions import TanhGaussian
 
 _LOG_2 = math.log(2.0)
+
+KLForm = Literal["entropy", "kl"]
+"""How the objective's KL terms read a prior whose density is the same everywhere on
+[-1, 1]^A (``Prior.set_kl_form``): ``kl`` is Eq. 7's log π − log p; ``entropy`` drops
+the constant log p, as §3.2.1 does to reach Eq. 12 (SAC's entropy bonus)."""
 
 
 class Prior(nn.Module):
@@ -27,6 +34,35 @@ class Prior(nn.Module):
 
     obs_dim: int
     act_dim: int
+    kl_form: KLForm = "kl"
+    """Set by ``set_kl_form``; only a prior of constant density can take ``entropy``."""
+    constant_density: bool = False
+    """True when p(a|s) is the same for every action in the box (the uniform prior)."""
+
+    def set_kl_form(self, form: KLForm | None) -> None:
+        """Choose how ``log_prob`` enters the objective's KL terms: ``kl`` (Eq. 7), or
+        ``entropy``, which drops a constant log-density (Eq. 12) so that KL(π‖p) reads
+        E_π[log π] = −H(π); None picks ``entropy`` for a prior of constant density and
+        ``kl`` for any other.  Raises ConfigError for ``entropy`` on a prior whose
+        log-density depends on the action: it has no constant to drop."""
+        if form is None:
+            form = "entropy" if self.constant_density else "kl"
+        if form not in ("entropy", "kl"):
+            raise ConfigError(f"kl_form must be 'entropy' or 'kl', got {form!r}")
+        if form == "entropy" and not self.constant_density:
+            raise ConfigError(
+                f"kl_form='entropy' drops a prior's constant log-density (SAC's entropy bonus "
+                f"under the uniform prior), but {type(self).__name__}'s density depends on the "
+                "action, so there is nothing constant to drop; use --model.kl_form kl (or "
+                "leave it unset), or mbvi.UniformPrior for SAC's entropy form."
+            )
+        self.kl_form = form
+
+    def dropped_log_density(self) -> float:
+        """The constant log p(a) the objective leaves out of its KL terms: −A log 2 for
+        the uniform prior in the ``entropy`` form, 0 in the ``kl`` form.  A KL term
+        then equals KL(π‖p) + this (E_π[log π] for the uniform prior)."""
+        return 0.0
 
     def build(self, obs_dim: int, act_dim: int) -> None:
         """Create parameters for the environment's sizes (called once by the agent)."""
@@ -76,14 +112,25 @@ class Prior(nn.Module):
 
 
 class UniformPrior(Prior):
-    """p(a) = Uniform([-1, 1]^A): SAC's prior, so KL(π‖p) = -H(π) + A log 2."""
+    """p(a) = Uniform([-1, 1]^A): SAC's prior, so KL(π‖p) = -H(π) + A log 2.
+
+    In the ``entropy`` form (``set_kl_form``; the agent's default for this prior)
+    ``log_prob`` is 0: the objective's KL terms are E_π[log π] = −H(π), SAC's entropy
+    bonus, without Eq. 7's per-step constant A log 2.
+    """
+
+    constant_density = True
+
+    def dropped_log_density(self) -> float:
+        return -self.act_dim * _LOG_2 if self.kl_form == "entropy" else 0.0
 
     def sample(self, s: torch.Tensor, n: int) -> torch.Tensor:
         shape = (*s.shape[:-1], n, self.act_dim)
         return torch.rand(shape, dtype=s.dtype, device=s.device) * 2.0 - 1.0
 
     def log_prob(self, s: torch.Tensor, a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return torch.full(a.shape[:-1], -a.shape[-1] * _LOG_2, dtype=a.dtype, device=a.device)
+        log_p = 0.0 if self.kl_form == "entropy" else -a.shape[-1] * _LOG_2
+        return torch.full(a.shape[:-1], log_p, dtype=a.dtype, device=a.device)
 
     def default_kl_target(self) -> float:
         # SAC's entropy target H* = -A, written as a KL target: KL* = -H* + A log 2.
@@ -270,9 +317,7 @@ class LearnedPrior(Prior):
     @torch.no_grad()
     def update_target(self) -> None:
         """p̄ ← (1−τ) p̄ + τ p_θ, and keep log η within its bounds (projected ascent)."""
-        torch._foreach_lerp_(
-            list(self.target_net.parameters()), list(self.net.parameters()), self.tau
-        )
+        polyak_(self.target_net.parameters(), self.net.parameters(), self.tau)
         k = self.dual_lr_scale
         for rho in (self.rho_mean, self.rho_scale):
             rho.clamp_(_LOG_ETA_MIN / k, _LOG_ETA_MAX / k)
