@@ -65,7 +65,7 @@ PRESETS = {
                  steps=150, hidden="[32,32]", samples=2, particles=16, smc_horizon=2,
                  compile="false"),
     "full": dict(configs={"model-free": "sac.yaml", "model-based": "mb_direct.yaml"},
-                 steps=3000, hidden="[256,256]", samples=4, particles=64, smc_horizon=5,
+                 steps=3000, hidden="[256,256]", samples=4, particles=64, smc_horizon=10,
                  compile="true"),
 }  # fmt: skip
 
