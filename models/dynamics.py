@@ -236,7 +236,8 @@ class DynamicsEnsemble(WorldModel):
         rng = {} if generator is None else {"generator": generator}
         perm = torch.randperm(m, device=x.device, **rng)
         per = -(-m // k)
-        rows = torch.cat([perm, perm[: per * k - m]]) if per * k > m else perm
+        # Padding cycles through perm (also when there are fewer rows than elites).
+        rows = perm[torch.arange(per * k, device=x.device) % m] if per * k > m else perm
         shift = torch.randint(k, (1,), device=x.device, **rng)
         groups = (torch.arange(k, device=x.device) + shift) % k
         out = self.net(x[rows.view(k, per)[groups]], self.elite_idx)

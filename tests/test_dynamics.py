@@ -340,3 +340,34 @@ def test_step_and_loss_on_cuda():
     g = torch.Generator(device="cuda").manual_seed(0)
     model.step(data[0], a, "ts1", g).reward.sum().backward()
     assert a.grad.device.type == "cuda" and a.grad.abs().sum() > 0
+
+
+def test_ts1_steps_fewer_rows_than_elites():
+    """TS-1 with fewer rows than elites (a two-state batch through five elites) pads the
+    groups by cycling the rows and returns one transition per row."""
+    model = DynamicsEnsemble(members=7, elites=5, hidden=(8,))
+    model.build(3, 1)
+    for m in (1, 2, 4, 6):
+        s, a = torch.randn(m, 3), torch.rand(m, 1) * 2 - 1
+        out = model.step(s, a, "ts1")
+        assert out.next_state.shape == (m, 3) and out.reward.shape == (m,)
+        assert torch.isfinite(out.next_state).all()
+
+
+def test_each_row_meets_every_elite_equally_often_when_groups_are_padded():
+    """7 rows through 3 elites: groups of 3, one padded. Over 600 draws every row goes
+    through each elite a third of the time (within 5 binomial SE), so the padded group
+    biases no elite (a fixed elite for the padded group would get 1/7 of the rows)."""
+    model = small_model(members=4, elites=3)
+    model.set_elites([0, 2, 3])
+    s, a = torch.randn(7, S), torch.rand(7, A) * 2 - 1
+    g = torch.Generator().manual_seed(3)
+    counts = torch.zeros(4, 7)
+    with torch.no_grad():
+        means = model.predict(s, a).next_mean  # [E,M,S]
+        for _ in range(600):
+            nxt = model.step(s, a, "mean", g).next_state
+            counts += ((means - nxt).abs().amax(-1) < 1e-5).float()
+    assert counts.sum(0).eq(600).all() and counts[1].eq(0).all()
+    freq, se = counts[[0, 2, 3]] / 600, (1 / 3 * 2 / 3 / 600) ** 0.5
+    assert ((freq - 1 / 3).abs() < 5 * se).all(), freq
