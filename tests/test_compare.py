@@ -15,20 +15,26 @@ from mlflow import MlflowClient
 from mbvi import VariationalAgent, compare
 from mbvi.cli import main as cli_main
 from mbvi.errors import CheckpointError, ComparisonError
+from mbvi.tracking import stats
 from mbvi.tracking.compare import (
     GroupSummary,
-    align,
     duplicate_seeds,
     final_value,
+    format_settings,
     format_table,
-    improvement,
     mean_std,
-    mixed_settings,
     summarize,
     truncate,
 )
-from mbvi.tracking.figures import improvement_by_group, plot_improvement
-from mbvi.tracking.runs import COMPARE_TAG, RunData, load_runs
+from mbvi.tracking.figures import improvement, improvement_by_group, plot_improvement
+from mbvi.tracking.runs import (
+    COMPARE_TAG,
+    RunData,
+    align,
+    load_runs,
+    mixed_settings,
+    settings_between_rows,
+)
 from mbvi.training.checkpoints import validate_checkpoint
 from tests.conftest import CONFIGS, MBVI, ROOT, cli_env
 
@@ -145,6 +151,38 @@ def test_settings_that_differ_within_a_row_are_named():
     assert mixed_settings(runs[1:2]) == {}
 
 
+def test_settings_that_differ_between_rows_are_named_beside_the_design_choices():
+    """batch_size differs between rows: named.  Direct's and Iterative's own networks
+    (engine.hidden) are part of the engine choice: not named; two Iterative rows (with
+    different priors) that differ in engine.hidden: named.  Rows of another env are not
+    compared with these."""
+    constant = ("Iterative", "ConstantTanhGaussianPrior", "TwinQ", "Pendulum-v1")
+    hopper = ("Direct", "UniformPrior", "TwinQ", "Hopper-v5")
+
+    def row(group, **params):
+        engine, prior, value, env_id = group
+        base = {"engine": engine, "prior": prior, "value": value, "env_id": env_id}
+        return run_data(group, params={**base, "gamma": "0.99", **params})
+
+    runs = [
+        row(DIRECT, batch_size="256", **{"engine.hidden": "(256, 256)"}),
+        row(ITERATIVE[:1] + ("UniformPrior",) + ITERATIVE[2:], batch_size="128",
+            **{"engine.hidden": "(64, 64)", "engine.n_samples": "200"}),
+        row(constant, batch_size="128", **{"engine.hidden": "(32, 32)", "engine.n_samples": "200"}),
+        row(hopper, batch_size="512", gamma="0.9"),
+    ]  # fmt: skip
+    groups = {r.group: [r] for r in runs}
+    differ = settings_between_rows(groups)
+    assert set(differ) == {"batch_size", "engine.hidden"}
+    assert differ["batch_size"] == {DIRECT: "256", runs[1].group: "128", constant: "128"}
+    assert differ["engine.hidden"] == {runs[1].group: "(64, 64)", constant: "(32, 32)"}
+    note = format_settings(differ)
+    assert note.startswith("Rows differ in settings other than engine, prior and value")
+    assert "  batch_size: Direct · UniformPrior · TwinQ (Pendulum-v1) = 256; " in note
+    assert settings_between_rows({DIRECT: runs[:1], hopper: runs[3:]}) == {}
+    assert format_settings({}) == ""
+
+
 def test_duplicate_seeds_are_reported():
     row = GroupSummary(DIRECT, ["0", "0", "1"], ["a", "b", "c"], 0.0, 0.0, 1, 1.0, 1.0)
     assert duplicate_seeds(row) == ["0"]
@@ -160,11 +198,13 @@ def mbvi(cwd, *args, timeout=300):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """Three tiny runs in one store: Direct seeds 0 and 1, Iterative seed 0, each of
-    200 env steps with evaluations at 100 and 200."""
+    200 env steps with evaluations at 100 and 200.  The Iterative run also trains on
+    batches of 16 rather than 32, as iterative_sac.yaml did against sac.yaml."""
     cwd = tmp_path_factory.mktemp("compare")
     iterative = ["--model.prior", "mbvi.ConstantTanhGaussianPrior",
                  "--model.engine", "mbvi.planners.Iterative",
-                 "--model.engine.hidden", "[32, 32]", "--model.engine.n_samples", "4"]  # fmt: skip
+                 "--model.engine.hidden", "[32, 32]", "--model.engine.n_samples", "4",
+                 "--model.batch_size", "16"]  # fmt: skip
     for args in (["--model.seed", "0"], ["--model.seed", "1"], ["--model.seed", "0", *iterative]):
         proc = mbvi(cwd, "fit", "--config", TINY, *SHORT, *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -176,7 +216,9 @@ def finals(client, runs):
 
 
 def test_compare_prints_the_table_writes_the_figures_and_logs_them(store):
-    proc = mbvi(store, "compare", "--experiment", "tiny", "--output", "figs")
+    reps = 200  # bootstrap resamples: few, for speed
+    proc = mbvi(store, "compare", "--experiment", "tiny", "--output", "figs",
+                "--baseline", "Direct", "--reps", str(reps))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")
     exp = client.get_experiment_by_name("tiny")
@@ -191,6 +233,26 @@ def test_compare_prints_the_table_writes_the_figures_and_logs_them(store):
     assert "2 [0, 1]" in lines["Direct"] and f"{mean:.2f} ± {std:.2f}" in lines["Direct"]
     assert " 200 " in lines["Direct"]  # env steps
     assert "1 [0]" in lines["Iterative"] and "± 0.00" in lines["Iterative"]
+    # The intervals, as rliable gives them on the runs' final returns, and P(> baseline).
+    iqm = stats.iqm(finals(client, direct), reps)
+    assert str(iqm) in lines["Direct"] and "baseline" in lines["Direct"]
+    versus = stats.probability_of_improvement(finals(client, iterative), finals(client, direct),
+                                              reps)  # fmt: skip
+    assert str(versus) in lines["Iterative"]
+    assert "IQM: interquartile mean of the final values over seeds" in proc.stdout
+    # The Iterative run trained on batches of 16, the Direct ones on 32: named under the
+    # table; the engines' own settings (engine.hidden, n_samples) are not.
+    (note,) = [line for line in proc.stdout.splitlines() if line.startswith("  batch_size")]
+    assert note == (
+        "  batch_size: Direct · UniformPrior · TwinQ (Pendulum-v1) = 32; "
+        "Iterative · ConstantTanhGaussianPrior · TwinQ (Pendulum-v1) = 16"
+    )
+    assert "engine." not in proc.stdout
+
+    markdown = (store / "figs" / "tiny_compare.md").read_text().splitlines()
+    assert markdown[0].startswith("| engine") and "IQM [95% CI]" in markdown[0]
+    assert str(iqm) in markdown[2] and str(versus) in markdown[3]
+    assert "  batch_size: " in "\n".join(markdown)
 
     figures = ["tiny_returns.png", "tiny_inference_improvement.png"]
     for name in figures:
@@ -202,10 +264,13 @@ def test_compare_prints_the_table_writes_the_figures_and_logs_them(store):
     assert logged.info.run_name == "compare" and logged.info.status == "FINISHED"
     assert logged.info.run_id in proc.stdout
     artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
-    assert {*figures, "compare.txt", "summary.json"} <= artifacts
+    assert {*figures, "tiny_compare.md", "compare.txt", "summary.json"} <= artifacts
     summary = client.download_artifacts(logged.info.run_id, "summary.json", str(store))
     rows = {tuple(r["group"]): r for r in json.load(open(summary))}
     assert rows[DIRECT]["final_mean"] == pytest.approx(mean)
+    assert rows[DIRECT]["iqm"] == {"point": iqm.point, "low": iqm.low, "high": iqm.high}
+    assert rows[ITERATIVE]["improvement"]["point"] == versus.point
+    assert tuple(rows[ITERATIVE]["baseline"]) == DIRECT
     assert sorted(rows[DIRECT]["run_ids"]) == sorted(r.info.run_id for r in direct)
 
 
@@ -279,7 +344,8 @@ def store_copy(store, tmp_path):
 
 
 def compare_main(uri, tmp_path, *args):
-    return compare.main(["--experiment", "tiny", "--tracking_uri", uri, "--output", str(tmp_path), *args])  # fmt: skip
+    return compare.main(["--experiment", "tiny", "--tracking_uri", uri, "--output", str(tmp_path),
+                         "--reps", "50", *args])  # fmt: skip
 
 
 def test_a_run_without_the_metric_is_named(store_copy, tmp_path, capsys):
@@ -310,6 +376,34 @@ def test_unfinished_runs_are_skipped(store_copy, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "skipping unfinished runs: still-running (RUNNING)" in err
     assert "2 [0, 1]" in out and (tmp_path / "tiny_returns.png").exists()
+
+
+def test_a_failed_run_is_never_counted(store_copy, tmp_path, capsys):
+    """A FAILED run that logged everything a finished one does, and that no run resumed,
+    is skipped and named: its curve stopped where it crashed."""
+    uri, client, exp_id = store_copy
+    run = client.create_run(exp_id, run_name="crashed")
+    for key, value in zip(("engine", "prior", "value", "env_id", "seed"), (*DIRECT, "5")):
+        client.log_param(run.info.run_id, key, value)
+    client.log_metric(run.info.run_id, "eval/return", 1e6, step=100)
+    client.set_terminated(run.info.run_id, "FAILED")
+    assert compare_main(uri, tmp_path) == 0
+    out, err = capsys.readouterr()
+    assert "skipping unfinished runs: crashed (FAILED)" in err
+    (row,) = [line for line in out.splitlines() if line.startswith("Direct")]
+    assert "2 [0, 1]" in row and "1000000" not in row
+
+
+def test_a_baseline_that_is_no_row_is_refused_before_anything_is_written(store, tmp_path, capsys):
+    uri = f"sqlite:///{store}/mlflow.db"
+    assert compare_main(uri, tmp_path, "--baseline", "SAC") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mbvi: error: --baseline 'SAC' matches no row. Rows")
+    assert "Direct,UniformPrior,TwinQ,Pendulum-v1" in err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit):
+        compare_main(uri, tmp_path, "--reps", "0")
+    assert "--reps must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_an_interrupted_then_resumed_seed_counts_once(store_copy, tmp_path, capsys):

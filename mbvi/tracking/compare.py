@@ -1,31 +1,40 @@
-"""``mbvi compare``: a table and learning curves of one MLflow experiment's runs.
+"""``mbvi compare``: a table and learning curves of one MLflow experiment's runs, with
+intervals that say whether a difference between rows is real.
 
     mbvi compare --experiment NAME [--tracking_uri URI] [--output DIR] [--metric eval/return]
-                 [--at-step N]
+                 [--at-step N] [--baseline ROW] [--reps N]
 
 Reads the experiment's FINISHED runs and groups them by (engine, prior, value, env_id);
 a run resumed from a checkpoint (tag ``mbvi.resumed_from``) is joined with the runs it
-continues, finished or not, into one sample (one curve, their wall-clocks added);
-a warning names any other setting that differs within a group (seed, budget and
+continues, finished or not, into one sample (one curve, their wall-clocks added); a
+FAILED, KILLED or RUNNING run that no finished run continues is skipped and named.
+A warning names any other setting that differs within a group (seed, budget and
 bookkeeping aside).
 A table row per group: the seeds; the final metric (each run's value at its last logged
-step), mean ± std over seeds (population std, 0 for one seed); the env steps reached
-(the group's smallest last step); the wall-clock (mean run duration); steps/s (mean over
-seeds of each run's env steps reached divided by its duration: warm-up, evaluation and
-start-up included, what a researcher waits for).  Figures
-(``mbvi.tracking.figures``) written to ``--output``: ``<experiment>_returns.png`` (Fig. 3b; for
-another ``--metric``, ``<experiment>_<metric with / as _>.png``) and,
-when a run logged ``engine/j_iter_k``, ``<experiment>_inference_improvement.png`` (Fig. 2).
+step), mean ± std over seeds (population std, 0 for one seed); its interquartile mean
+(IQM) with a 95% stratified-bootstrap confidence interval (``mbvi.tracking.stats``, by
+rliable); with ``--baseline ROW``, the probability that a seed of the row beats a seed of
+the baseline row of its env, with its interval; the env steps reached (the group's
+smallest last step); the wall-clock (mean run duration); steps/s (mean over seeds of each
+run's env steps reached divided by its duration: warm-up, evaluation and start-up
+included, what a researcher waits for).  Under the table, the settings other than
+engine, prior and value in which rows of one env differ: a difference between such rows
+is not the design choice's alone.  Figures (``mbvi.tracking.figures``) written to
+``--output``: ``<experiment>_returns.png`` (Fig. 3b with IQM curves and their bands, and
+the final IQM of each row with its interval; for another ``--metric``,
+``<experiment>_<metric with / as _>.png``) and, when a run logged ``engine/j_iter_k``,
+``<experiment>_inference_improvement.png`` (Fig. 2).
 
 ``--at-step N`` compares the runs at equal env steps: every curve (the metric's and
 J̃_k's) is cut after step N, so "final" means the last value at or before N.  That is
 how runs with different budgets are compared (e.g. direct SAC trained for 100k steps
 against iterative SAC trained for 50k).  Wall-clock and steps/s stay whole-run figures.
 
-Figures, table (``compare.txt``) and ``summary.json`` are logged as artifacts of a new
-run named ``compare`` in the same experiment, tagged ``mbvi.tracking.compare`` (later compares
-skip it): the comparison belongs to the set of runs, so the compared runs stay untouched.
-Runs are read and resumed runs joined by ``mbvi.tracking.runs``; the aggregation here is pure
+Figures, the table (``compare.txt``, and as markdown ``<experiment>_compare.md``, also
+written to ``--output``) and ``summary.json`` are logged as artifacts of a new run named
+``compare`` in the same experiment, tagged ``mbvi.tracking.compare`` (later compares skip
+it): the comparison belongs to the set of runs, so the compared runs stay untouched.
+Runs are read, joined and grouped by ``mbvi.tracking.runs``; the aggregation here is pure
 functions of plain data (``RunData``), testable without MLflow.
 """
 
@@ -41,14 +50,27 @@ from pathlib import Path
 import numpy as np
 
 from mbvi.errors import ComparisonError, MbviError
-from mbvi.tracking.runs import COMPARE_TAG, Curve, RunData, load_runs, open_store
+from mbvi.tracking import stats
+from mbvi.tracking.runs import (
+    COMPARE_TAG,
+    Curve,
+    Group,
+    RunData,
+    group_runs,
+    label,
+    load_runs,
+    mixed_settings,
+    open_store,
+    settings_between_rows,
+)
+from mbvi.tracking.stats import Interval
 
 
 @dataclass
 class GroupSummary:
     """One row of the table."""
 
-    group: tuple[str, ...]
+    group: Group
     seeds: list[str]
     run_ids: list[str]
     final_mean: float
@@ -56,6 +78,9 @@ class GroupSummary:
     env_steps: int
     wall_clock_s: float
     steps_per_s: float
+    iqm: Interval | None = None  # of the final values over seeds, with its 95% CI
+    improvement: Interval | None = None  # P(a seed of this row > a seed of the baseline)
+    baseline: Group | None = None  # the row ``improvement`` is against
 
 
 # ---- pure aggregation ------------------------------------------------------------------
@@ -68,12 +93,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def final_value(curve: Curve) -> float:
     """The value at the last logged step."""
     return curve[max(curve)]
-
-
-def align(curves: Sequence[Curve]) -> tuple[list[int], np.ndarray]:
-    """The steps common to all ``curves`` and their values ``[runs, steps]``."""
-    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-    return steps, np.array([[c[s] for s in steps] for c in curves], dtype=float)
 
 
 def truncate(runs: Sequence[RunData], at_step: int) -> list[RunData]:
@@ -95,15 +114,9 @@ def truncate(runs: Sequence[RunData], at_step: int) -> list[RunData]:
     ]
 
 
-def group_runs(runs: Sequence[RunData]) -> dict[tuple[str, ...], list[RunData]]:
-    groups: dict[tuple[str, ...], list[RunData]] = {}
-    for run in sorted(runs, key=lambda r: (r.group, r.seed, r.run_id)):
-        groups.setdefault(run.group, []).append(run)
-    return groups
-
-
 def summarize(runs: Sequence[RunData]) -> list[GroupSummary]:
-    """One ``GroupSummary`` per (engine, prior, value, env_id), sorted by group."""
+    """One ``GroupSummary`` per (engine, prior, value, env_id), sorted by group, without
+    the bootstrap statistics (``add_intervals`` adds them)."""
     rows = []
     for group, members in group_runs(runs).items():
         speeds = [r.env_steps / r.duration_s for r in members if r.env_steps and r.duration_s > 0]
@@ -123,61 +136,101 @@ def summarize(runs: Sequence[RunData]) -> list[GroupSummary]:
     return rows
 
 
-def improvement(j_iter: dict[int, Curve]) -> tuple[np.ndarray, np.ndarray]:
-    """One run's mean over logged steps of J̃_k − J̃_0 and of (J̃_k − J̃_0)/|J̃_0|,
-    each ``[K+1]`` (k = 0 is 0); steps where J̃_0 = 0 are left out of the relative."""
-    absolute, relative = [], []
-    for k in range(max(j_iter) + 1):
-        steps, values = align([j_iter[0], j_iter.get(k, {})])
-        diff, scale = values[1] - values[0], np.abs(values[0])
-        ok = scale > 0
-        absolute.append(diff.mean() if steps else np.nan)
-        relative.append((diff[ok] / scale[ok]).mean() if ok.any() else np.nan)
-    return np.array(absolute), np.array(relative)
+def find_baselines(groups: Sequence[Group], spec: str) -> dict[str, Group]:
+    """The baseline row of each env that has one: the row whose engine, prior, value or
+    env equal every comma-separated part of ``spec`` (``Direct``,
+    ``Direct,UniformPrior``).  ``ComparisonError`` when no row matches, or several rows
+    of one env do."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    found: dict[str, list[Group]] = {}
+    for group in groups:
+        if parts and all(p in group for p in parts):
+            found.setdefault(group[-1], []).append(group)
+    rows = "; ".join(",".join(g) for g in groups)
+    if not found:
+        raise ComparisonError(
+            f"--baseline {spec!r} matches no row. Rows (engine,prior,value,env): {rows}. "
+            "Pass the baseline row's engine, or as many of its parts as single it out."
+        )
+    for env, matches in found.items():
+        if len(matches) > 1:
+            raise ComparisonError(
+                f"--baseline {spec!r} matches {len(matches)} rows of {env}: "
+                f"{'; '.join(','.join(g) for g in matches)}. Add the parts that single one "
+                f"out, e.g. --baseline {','.join(matches[0][:3])}."
+            )
+    return {env: matches[0] for env, matches in found.items()}
+
+
+def add_intervals(
+    rows: Sequence[GroupSummary],
+    groups: dict[Group, list[RunData]],
+    baselines: dict[str, Group] | None = None,
+    reps: int | None = None,
+    seed: int = 0,
+) -> list[GroupSummary]:
+    """``rows`` with the IQM of each row's final values and its 95% interval and, for a
+    row whose env has a baseline in ``baselines`` (env -> row), the probability of
+    improvement over it.  ``reps`` resamples (None: ``stats``' defaults), bootstrap
+    ``seed`` fixed so that a comparison repeats exactly."""
+    finals = {g: [final_value(r.curve) for r in members] for g, members in groups.items()}
+    iqm_reps, poi_reps = (reps, reps) if reps else (stats.IQM_REPS, stats.POI_REPS)
+    out = []
+    for row in rows:
+        base = (baselines or {}).get(row.group[-1])
+        versus = None
+        if base is not None and base != row.group:
+            versus = stats.probability_of_improvement(
+                finals[row.group], finals[base], poi_reps, seed
+            )
+        iqm = stats.iqm(finals[row.group], iqm_reps, seed)
+        out.append(replace(row, iqm=iqm, improvement=versus, baseline=base))
+    return out
 
 
 def duplicate_seeds(summary: GroupSummary) -> list[str]:
     return sorted({s for s in summary.seeds if summary.seeds.count(s) > 1})
 
 
-# Parameters that may differ between the seeds of one row: the seed, the budget (runs
-# of different lengths are compared with --at-step) and bookkeeping.
-PER_RUN_PARAMS = frozenset(
-    {"seed", "total_env_steps", "checkpoint_every", "checkpoint_dir", "progress_refresh_s",
-     "log_every", "ckpt_path"}
-)  # fmt: skip
+def format_settings(differ: dict[str, dict[Group, str]]) -> str:
+    """The note under the table that names the settings rows differ in; '' if none."""
+    if not differ:
+        return ""
+    lines = ["Rows differ in settings other than engine, prior and value, so a difference "
+             "between them is not the design choice's alone:"]  # fmt: skip
+    for name, values in differ.items():
+        lines.append(f"  {name}: " + "; ".join(f"{label(g)} = {v}" for g, v in values.items()))
+    return "\n".join(lines)
 
 
-def mixed_settings(members: Sequence[RunData]) -> dict[str, list[str]]:
-    """Parameters other than ``PER_RUN_PARAMS`` whose values differ between the runs of
-    one row, with their distinct values: the row averages over different settings."""
-    names = sorted(set().union(*(r.params for r in members)) - PER_RUN_PARAMS)
-    mixed = {}
-    for name in names:
-        values = sorted({r.params.get(name, "<unset>") for r in members})
-        if len(values) > 1:
-            mixed[name] = values
-    return mixed
-
-
-def label(group: tuple[str, ...]) -> str:
-    engine, prior, value, env_id = group
-    return f"{engine} · {prior} · {value} ({env_id})"
-
-
+# ---- the text ----------------------------------------------------------------------------
 def _duration(seconds: float) -> str:
     m, s = divmod(round(seconds), 60)
     return f"{seconds:.1f} s" if seconds < 60 else f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
-def format_table(rows: Sequence[GroupSummary], metric: str) -> str:
-    """The comparison as an aligned text table, one row per group."""
-    head = f"engine|prior|value|env|seeds|final {metric}|env steps|wall-clock|steps/s".split("|")
+def _versus(row: GroupSummary) -> str:
+    if row.baseline is None:
+        return "—"  # no baseline row for this env
+    return "baseline" if row.baseline == row.group else str(row.improvement)
+
+
+def format_table(rows: Sequence[GroupSummary], metric: str, markdown: bool = False) -> str:
+    """The comparison, one row per group: an aligned text table, or a markdown one.
+    The IQM column appears once ``add_intervals`` has filled it, the probability of
+    improvement once a row has a baseline."""
+    with_iqm = any(r.iqm is not None for r in rows)
+    with_poi = any(r.baseline is not None for r in rows)
+    head = ["engine", "prior", "value", "env", "seeds", f"final {metric} (mean ± std)"]
+    head += ["IQM [95% CI]"] * with_iqm + ["P(> baseline) [95% CI]"] * with_poi
+    head += ["env steps", "wall-clock", "steps/s"]
     body = [
         [
             *r.group,
             f"{len(r.seeds)} [{', '.join(r.seeds)}]",
             f"{r.final_mean:.2f} ± {r.final_std:.2f}",
+            *[str(r.iqm) if r.iqm else "—"] * with_iqm,
+            *[_versus(r)] * with_poi,
             str(r.env_steps),
             _duration(r.wall_clock_s),
             f"{r.steps_per_s:.1f}",
@@ -185,12 +238,35 @@ def format_table(rows: Sequence[GroupSummary], metric: str) -> str:
         for r in rows
     ]
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    if markdown:
+        lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+                 for row in [head, *body]]  # fmt: skip
+        rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+        return "\n".join([lines[0], rule, *lines[1:]])
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *body]]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
-def log_comparison(client, experiment_id, metric, files, table, rows, at_step=None) -> str:
-    """Log ``files``, the table and the summary as artifacts of a new ``compare`` run."""
+def legend(rows: Sequence[GroupSummary], reps: int | None) -> str:
+    """What the statistics columns mean, for the lines under the table."""
+    lines = []
+    if any(r.iqm is not None for r in rows):
+        lines.append(
+            "IQM: interquartile mean of the final values over seeds; 95% CI by stratified "
+            f"bootstrap over seeds ({reps or stats.IQM_REPS} resamples, rliable)."
+        )
+    if bases := sorted({r.baseline for r in rows if r.baseline is not None}):
+        lines.append(
+            "P(> baseline): probability that a seed of the row ends above a seed of "
+            f"{'; '.join(map(label, bases))} (0.5: no difference; an interval that holds "
+            f"0.5 means the difference may not be real; {reps or stats.POI_REPS} resamples)."
+        )
+    return "\n".join(lines)
+
+
+def log_comparison(client, experiment_id, metric, files, text, rows, at_step=None) -> str:
+    """Log ``files`` (figures, the markdown table), the table ``text`` and the summary as
+    artifacts of a new ``compare`` run."""
     run = client.create_run(experiment_id, run_name="compare", tags={COMPARE_TAG: "true"})
     rid = run.info.run_id
     try:
@@ -199,7 +275,7 @@ def log_comparison(client, experiment_id, metric, files, table, rows, at_step=No
         client.log_param(rid, "compared_runs", sum(len(r.run_ids) for r in rows))
         for path in files:
             client.log_artifact(rid, str(path))
-        client.log_text(rid, table + "\n", "compare.txt")
+        client.log_text(rid, text + "\n", "compare.txt")
         client.log_text(rid, json.dumps([asdict(r) for r in rows], indent=2), "summary.json")
     except Exception:
         client.set_terminated(rid, "FAILED")
@@ -208,24 +284,7 @@ def log_comparison(client, experiment_id, metric, files, table, rows, at_step=No
     return rid
 
 
-def compare(
-    experiment: str,
-    tracking_uri: str | None = None,
-    output: str = ".",
-    metric: str = "eval/return",
-    at_step: int | None = None,
-) -> list[GroupSummary]:
-    """Print the table, write the figures and log them; returns the table's rows."""
-    from mbvi.tracking.logger import resolve_tracking_uri
-
-    client = open_store(resolve_tracking_uri(tracking_uri))
-    experiment_id, runs = load_runs(client, experiment, metric)
-    if at_step is not None:
-        runs = truncate(runs, at_step)
-    rows = summarize(runs)
-    table = format_table(rows, metric)
-    print(table)
-    groups = group_runs(runs)
+def _warn_within_rows(rows: Sequence[GroupSummary], groups: dict[Group, list[RunData]]) -> None:
     for row in rows:
         if mixed := mixed_settings(groups[row.group]):
             differences = "; ".join(f"{k}: {', '.join(v)}" for k, v in mixed.items())
@@ -240,18 +299,50 @@ def compare(
                 "than one run; each run counts as one sample",
                 file=sys.stderr,
             )
-    from mbvi.tracking.figures import plot_curves, plot_improvement  # matplotlib only when plotting
+
+
+def compare(
+    experiment: str,
+    tracking_uri: str | None = None,
+    output: str = ".",
+    metric: str = "eval/return",
+    at_step: int | None = None,
+    baseline: str | None = None,
+    reps: int | None = None,
+) -> list[GroupSummary]:
+    """Print the table, write the figures and log them; returns the table's rows.
+    ``reps``: bootstrap resamples, None for ``mbvi.tracking.stats``' defaults."""
+    from mbvi.tracking.logger import resolve_tracking_uri
+
+    client = open_store(resolve_tracking_uri(tracking_uri))
+    experiment_id, runs = load_runs(client, experiment, metric)
+    if at_step is not None:
+        runs = truncate(runs, at_step)
+    groups = group_runs(runs)
+    baselines = find_baselines(list(groups), baseline) if baseline is not None else None
+    rows = add_intervals(summarize(runs), groups, baselines, reps)
+    notes = "\n".join(filter(None, [legend(rows, reps),
+                                    format_settings(settings_between_rows(groups))]))  # fmt: skip
+    table = "\n\n".join(filter(None, [format_table(rows, metric), notes]))
+    print(table)
+    _warn_within_rows(rows, groups)
+    from mbvi.tracking import figures  # matplotlib only when plotting
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     name = "returns" if metric == "eval/return" else metric.replace("/", "_")
-    files = [plot_curves(runs, metric, experiment, out / f"{experiment}_{name}.png")]
+    finals = {label(r.group): r.iqm for r in rows}
+    files = [
+        figures.plot_curves(runs, metric, experiment, out / f"{experiment}_{name}.png",
+                            finals, reps or stats.CURVE_REPS)
+    ]  # fmt: skip
     if any(r.j_iter for r in runs):
-        files.append(
-            plot_improvement(runs, experiment, out / f"{experiment}_inference_improvement.png")
-        )
-    rid = log_comparison(client, experiment_id, metric, files, table, rows, at_step)
-    for path in files:
+        path = out / f"{experiment}_inference_improvement.png"
+        files.append(figures.plot_improvement(runs, experiment, path))
+    md = out / f"{experiment}_compare.md"
+    md.write_text("\n\n".join(filter(None, [format_table(rows, metric, markdown=True), notes])))
+    rid = log_comparison(client, experiment_id, metric, [*files, md], table, rows, at_step)
+    for path in [*files, md]:
         print(f"wrote {path}")
     print(f"logged the comparison as MLflow run {rid} ('compare') in experiment {experiment!r}")
     return rows
@@ -261,25 +352,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``mbvi compare ...``; returns the exit status (2 on bad input)."""
     parser = argparse.ArgumentParser(
         prog="mbvi compare",
-        description="Table and learning curves (paper Fig. 3b, Fig. 2) of an MLflow experiment.",
+        description="Table and learning curves (paper Fig. 3b, Fig. 2) of an MLflow "
+        "experiment, with interquartile means and 95%% bootstrap confidence intervals.",
     )
-    parser.add_argument("--experiment", required=True, help="MLflow experiment to compare")
-    parser.add_argument(
-        "--tracking_uri",
-        default=None,
-        help="MLflow store; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db",
-    )
-    parser.add_argument("--output", default=".", help="folder for the PNG figures")
-    parser.add_argument("--metric", default="eval/return", help="metric to compare")
-    parser.add_argument(
-        "--at-step",
-        type=int,
-        default=None,
-        help="compare at this env step: curves are cut after it (runs of different budgets)",
-    )
+    add = parser.add_argument
+    add("--experiment", required=True, help="MLflow experiment to compare")
+    add("--tracking_uri", default=None,
+        help="MLflow store; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")  # fmt: skip
+    add("--output", default=".", help="folder for the PNG figures and the markdown table")
+    add("--metric", default="eval/return", help="metric to compare")
+    add("--at-step", type=int, default=None,
+        help="compare at this env step: curves are cut after it (runs of different "
+        "budgets)")  # fmt: skip
+    add("--baseline", default=None, metavar="ROW",
+        help="report each row's probability of improvement over this row: its engine, or "
+        "comma-separated parts of it that single it out (e.g. Direct,UniformPrior)")  # fmt: skip
+    add("--reps", type=int, default=None,
+        help=f"bootstrap resamples (default {stats.IQM_REPS} for the IQM, "
+        f"{stats.POI_REPS} for P(> baseline) and the curves' bands)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.reps is not None and args.reps < 1:
+        parser.error(f"--reps must be >= 1, got {args.reps}")
     try:
-        compare(args.experiment, args.tracking_uri, args.output, args.metric, args.at_step)
+        compare(args.experiment, args.tracking_uri, args.output, args.metric, args.at_step,
+                args.baseline, args.reps)  # fmt: skip
     except MbviError as err:
         print(f"mbvi: error: {err}", file=sys.stderr)
         return 2

@@ -1,4 +1,6 @@
-"""The figures of ``mbvi compare`` (Agg backend: no display needed)."""
+"""The figures of ``mbvi compare`` (Agg backend: no display needed), and the data of
+Fig. 2.  Built on ``mbvi.tracking.runs`` and ``mbvi.tracking.stats`` alone: the comparison
+imports this module, never the other way round."""
 
 from __future__ import annotations
 
@@ -12,17 +14,31 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mbvi.tracking.compare import align, group_runs, improvement, label  # noqa: E402
-from mbvi.tracking.runs import RunData  # noqa: E402
+from mbvi.tracking import stats  # noqa: E402
+from mbvi.tracking.runs import Curve, Group, RunData, align, group_runs, label  # noqa: E402
+from mbvi.tracking.stats import Interval  # noqa: E402
+
+
+def improvement(j_iter: dict[int, Curve]) -> tuple[np.ndarray, np.ndarray]:
+    """One run's mean over logged steps of J̃_k − J̃_0 and of (J̃_k − J̃_0)/|J̃_0|,
+    each ``[K+1]`` (k = 0 is 0); steps where J̃_0 = 0 are left out of the relative."""
+    absolute, relative = [], []
+    for k in range(max(j_iter) + 1):
+        steps, values = align([j_iter[0], j_iter.get(k, {})])
+        diff, scale = values[1] - values[0], np.abs(values[0])
+        ok = scale > 0
+        absolute.append(diff.mean() if steps else np.nan)
+        relative.append((diff[ok] / scale[ok]).mean() if ok.any() else np.nan)
+    return np.array(absolute), np.array(relative)
 
 
 def improvement_by_group(
     runs: Sequence[RunData],
-) -> dict[tuple[tuple[str, ...], int], tuple[np.ndarray, np.ndarray]]:
+) -> dict[tuple[Group, int], tuple[np.ndarray, np.ndarray]]:
     """Fig. 2's data: for each (group, K) of the runs that logged J̃ per iteration, the
     absolute and relative ``improvement`` of every seed, each ``[seeds, K+1]``.  Runs
     with different K (say 2 and 10) in one group are kept apart."""
-    by_k: dict[tuple[tuple[str, ...], int], list[RunData]] = {}
+    by_k: dict[tuple[Group, int], list[RunData]] = {}
     for group, members in group_runs([r for r in runs if r.j_iter]).items():
         for r in members:
             by_k.setdefault((group, max(r.j_iter)), []).append(r)
@@ -50,19 +66,59 @@ def _save(fig, axes, path: Path) -> Path:
     return path
 
 
-def plot_curves(runs: Sequence[RunData], metric: str, title: str, path: Path) -> Path:
-    """Paper Fig. 3b: ``metric`` vs env steps, mean ± std over seeds per group, on the
-    steps that every seed of the group logged."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def plot_curves(
+    runs: Sequence[RunData],
+    metric: str,
+    title: str,
+    path: Path,
+    finals: dict[str, Interval | None] | None = None,
+    reps: int = stats.CURVE_REPS,
+) -> Path:
+    """Paper Fig. 3b: ``metric`` vs env steps per group, the IQM over seeds with its 95%
+    stratified-bootstrap band (``reps`` resamples), on the steps that every seed of the
+    group logged.  With ``finals`` (row label -> the IQM of its final values and its
+    interval, as in the table), a second panel draws those intervals side by side."""
+    fig, axes = plt.subplots(
+        1, 2 if finals else 1, figsize=(13 if finals else 7, 4.5), squeeze=False,
+        gridspec_kw={"width_ratios": [3, 2]} if finals else None,
+    )  # fmt: skip
+    ax, colors = axes[0, 0], {}
     for group, members in group_runs(runs).items():
         steps, values = align([r.curve for r in members])
         if not steps:
             print(f"mbvi compare: {label(group)}: no common step, not plotted", file=sys.stderr)
             continue
         n = len(members)
-        _band(ax, steps, values, f"{label(group)}, {n} seed{'s' if n > 1 else ''}")
-    ax.set(xlabel="environment steps", ylabel=metric, title=title)
-    return _save(fig, [ax], path)
+        point, low, high = stats.iqm_curve(values, reps)
+        text = f"{label(group)}, {n} seed{'s' if n > 1 else ''}"
+        (line,) = ax.plot(steps, point, marker="." if len(steps) < 30 else None, label=text)
+        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+        colors[label(group)] = line.get_color()
+    ax.set(xlabel="environment steps", ylabel=f"{metric} (IQM, 95% CI)", title=title)
+    if finals:
+        _plot_finals(axes[0, 1], finals, colors, metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_finals(ax, finals: dict[str, Interval | None], colors: dict[str, str], metric: str):
+    """The final IQM of each row as a point with its 95% interval as a bar."""
+    shown = [(text, iv) for text, iv in finals.items() if iv is not None]
+    for y, (text, iv) in enumerate(shown):
+        color = colors.get(text, "black")
+        ax.plot([iv.low, iv.high], [y, y], color=color, linewidth=6, alpha=0.4,
+                solid_capstyle="butt")  # fmt: skip
+        ax.plot([iv.point], [y], marker="|", markersize=14, color=color)
+    ax.set_yticks(range(len(shown)), [text.replace(" (", "\n(") for text, _ in shown],
+                  fontsize="small")  # fmt: skip
+    ax.set_ylim(-0.5, len(shown) - 0.5)
+    ax.invert_yaxis()  # the table's order, top to bottom
+    ax.set(xlabel=f"final {metric}: IQM over seeds, 95% CI", title="final value")
+    ax.grid(alpha=0.3, axis="x")
 
 
 def plot_improvement(runs: Sequence[RunData], title: str, path: Path) -> Path:

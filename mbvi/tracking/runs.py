@@ -1,8 +1,13 @@
-"""Runs read back from an MLflow store, for ``mbvi compare``: one ``RunData`` per
-seed, a resumed run joined with the runs it continues (tag ``mbvi.resumed_from``).
+"""Runs read back from an MLflow store, for ``mbvi compare`` and ``mbvi table``: one
+``RunData`` per seed, a resumed run joined with the runs it continues (tag
+``mbvi.resumed_from``), and the runs grouped into rows by design choice.
 
-``resume_chains`` and ``join_resumed`` are pure functions of plain data; ``load_runs``
-and ``open_store`` are the only parts that talk to MLflow.
+``resume_chains``, ``join_resumed``, the grouping (``group_runs``, ``label``, ``align``)
+and the settings of rows (``mixed_settings``, ``settings_between_rows``) are pure
+functions of plain data; ``load_runs`` and ``open_store`` are the only parts that talk to
+MLflow.  The comparison (``mbvi.tracking.compare``) and its figures
+(``mbvi.tracking.figures``) both build on this module and never on each other's
+grouping, so neither imports the other for it.
 """
 
 from __future__ import annotations
@@ -12,10 +17,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from mbvi.errors import ComparisonError, TrackingError
 
 Curve = dict[int, float]
 """A metric's history: env step -> value."""
+Group = tuple[str, ...]
+"""A row: the values of GROUP_PARAMS."""
+UNSET = "<unset>"
 GROUP_PARAMS = ("engine", "prior", "value", "env_id")
 COMPARE_TAG = "mbvi.tracking.compare"
 SPEED = "perf/env_steps_per_s"
@@ -44,6 +54,83 @@ def _group(params: dict[str, str]) -> tuple[str, ...]:
     if "value.horizon" in params:
         group[GROUP_PARAMS.index("value")] += f"(H={params['value.horizon']})"
     return tuple(group)
+
+
+def group_runs(runs: Sequence[RunData]) -> dict[tuple[str, ...], list[RunData]]:
+    """The runs by ``group`` (one table row or figure line each), groups sorted, the
+    runs of a group by seed and run id."""
+    groups: dict[tuple[str, ...], list[RunData]] = {}
+    for run in sorted(runs, key=lambda r: (r.group, r.seed, r.run_id)):
+        groups.setdefault(run.group, []).append(run)
+    return groups
+
+
+def label(group: tuple[str, ...]) -> str:
+    """A row's name for people: ``engine · prior · value (env_id)``."""
+    engine, prior, value, env_id = group
+    return f"{engine} · {prior} · {value} ({env_id})"
+
+
+def align(curves: Sequence[Curve]) -> tuple[list[int], np.ndarray]:
+    """The steps common to all ``curves`` and their values ``[runs, steps]``."""
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return steps, np.array([[c[s] for s in steps] for c in curves], dtype=float)
+
+
+# Parameters that may differ between the seeds of one row: the seed, the budget (runs
+# of different lengths are compared with --at-step) and bookkeeping.
+PER_RUN_PARAMS = frozenset(
+    {"seed", "total_env_steps", "checkpoint_every", "checkpoint_dir", "progress_refresh_s",
+     "log_every", "ckpt_path"}
+)  # fmt: skip
+# Parameters a row's name already shows (the model-based horizon is part of its value).
+ROW_PARAMS = frozenset({*GROUP_PARAMS, "value.horizon"})
+CHOICES = ("engine", "prior", "value")
+
+
+def mixed_settings(members: Sequence[RunData]) -> dict[str, list[str]]:
+    """Parameters other than ``PER_RUN_PARAMS`` whose values differ between the runs of
+    one row, with their distinct values: the row averages over different settings."""
+    names = sorted(set().union(*(r.params for r in members)) - PER_RUN_PARAMS)
+    mixed = {}
+    for name in names:
+        values = sorted({r.params.get(name, UNSET) for r in members})
+        if len(values) > 1:
+            mixed[name] = values
+    return mixed
+
+
+def row_settings(members: Sequence[RunData]) -> dict[str, str]:
+    """The parameters of a row's runs (``PER_RUN_PARAMS`` aside), each with its value, or
+    its distinct values comma-separated where the runs differ (``mixed_settings``)."""
+    names = set().union(*(r.params for r in members)) - PER_RUN_PARAMS
+    return {n: ", ".join(sorted({r.params.get(n, UNSET) for r in members})) for n in names}
+
+
+def settings_between_rows(groups: dict[Group, list[RunData]]) -> dict[str, dict[Group, str]]:
+    """Parameters other than engine, prior and value (and the env) whose values differ
+    between rows of one env: name -> {row: value} for the rows that differ.
+
+    An engine's, prior's or value's own settings (``engine.hidden``, ``value.leaf.tau``)
+    come with it, so they count only between rows that use the same one: Direct's
+    network against Iterative's is part of the engine choice, Iterative's against
+    Iterative's is not."""
+    settings = {g: row_settings(members) for g, members in groups.items()}
+    out: dict[str, dict[Group, str]] = {}
+    for env in sorted({g[-1] for g in groups}):
+        rows = [g for g in groups if g[-1] == env]
+        names = sorted(set().union(*(settings[g] for g in rows)) - ROW_PARAMS)
+        for name in names:
+            owner = name.split(".")[0] if "." in name else None
+            buckets: dict[str | None, list[Group]] = {}
+            for g in rows:
+                key = settings[g].get(owner) if owner in CHOICES else None
+                buckets.setdefault(key, []).append(g)
+            for members in buckets.values():
+                values = {g: settings[g].get(name, UNSET) for g in members}
+                if len(set(values.values())) > 1:
+                    out.setdefault(name, {}).update(values)
+    return out
 
 
 def iteration_keys(metric_names) -> list[int]:

@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from mbvi.errors import MbviError
-from mbvi.tracking.compare import GroupSummary, group_runs, mixed_settings, summarize
-from mbvi.tracking.runs import COMPARE_TAG, SPEED, load_runs, open_store
+from mbvi.tracking.compare import GroupSummary, summarize
+from mbvi.tracking.runs import COMPARE_TAG, SPEED, group_runs, load_runs, mixed_settings, open_store
 from mbvi.tracking.table_cells import (
     COLUMNS,
     POSTERIORS,
