@@ -169,13 +169,26 @@ def no_event_dim(s):
 
 
 def unbounded_support(s):
-    return pyro.sample("a", dist.Normal(torch.zeros(2), 0.1).to_event(1))
+    return pyro.sample("a", dist.Normal(torch.zeros(2), 1.0).to_event(1))
 
 
-def latent_gait(s):
-    gait = pyro.sample("gait", dist.Bernoulli(0.5))
-    base = dist.Normal(gait.unsqueeze(-1) * torch.ones(2), 0.3).to_event(1)
+def uncountable_latent(s):
+    count = pyro.sample("count", dist.Poisson(3.0))
+    base = dist.Normal(0.1 * count.unsqueeze(-1) * torch.ones(2), 0.3).to_event(1)
     return pyro.sample("a", dist.TransformedDistribution(base, [dist.transforms.TanhTransform()]))
+
+
+_NET = torch.nn.Linear(3, 2)
+
+
+def module_in_a_function(s):
+    pyro.module("net", _NET)
+    return pyro.sample("a", dist.Uniform(-torch.ones(2), torch.ones(2)).to_event(1))
+
+
+def factor_site(s):
+    pyro.factor("prefer", torch.tensor(1.0))
+    return pyro.sample("a", dist.Uniform(-torch.ones(2), torch.ones(2)).to_event(1))
 
 
 def reads_missing_state(s):
@@ -192,8 +205,10 @@ BAD_PROGRAMS = {
     "no_action_site": r"'tests.test_program_prior.no_action_site' has no action site: it sampled \['action'\].*\(2, 3, 2\) = \[states, particles, act_dim\]",
     "wrong_action_dim": r"'tests.test_program_prior.wrong_action_dim': action site 'a' .*has shape \(2, 3, 3\).*expected \(2, 3, 2\)",
     "no_event_dim": r"'tests.test_program_prior.no_event_dim' failed inside the plates \[states=2, particles=3\].*event shape \(2,\), e.g. via .to_event\(1\)",
-    "unbounded_support": r"'tests.test_program_prior.unbounded_support': action site 'a' .*support .*Real.* must lie in \[-1, 1\]\^2",
-    "latent_gait": r"'tests.test_program_prior.latent_gait' samples \['gait'\] besides its action site 'a'.*MixtureSameFamily",
+    "unbounded_support": r"'tests.test_program_prior.unbounded_support': action site 'a' \(recorded as 'a_0'\) sampled -?\d\.\d+ in action dim \d .*reports support Real.*must lie in \[-1, 1\]\^2",
+    "uncountable_latent": r"'tests.test_program_prior.uncountable_latent': latent site 'count' \(Poisson\) cannot be enumerated .*no continuous density",
+    "module_in_a_function": r"'tests.test_program_prior.module_in_a_function' registers a torch module's parameter 'net\$\$\$weight' .*make the program itself a PyroModule",
+    "factor_site": r"'tests.test_program_prior.factor_site' has an observed site 'prefer' \(a pyro.factor",
     "reads_missing_state": r"'tests.test_program_prior.reads_missing_state' failed on probe states of shape \(2, 1, 3\).*IndexError",
 }
 
@@ -262,10 +277,11 @@ def test_program_prior_config():
     ProgramPrior(**model["prior"]["init_args"]).build(3, 1)  # Pendulum's sizes
 
 
-def _mbvi_with_program(cwd, program, env):
+def _mbvi_with_program(cwd, program, env, *args):
     return subprocess.run(
         [MBVI, "fit", "--config", str(CONFIGS / "pendulum" / "tiny.yaml")]
-        + ["--model.prior", "mbvi.pyro.ProgramPrior", "--model.prior.init_args.program", program],
+        + ["--model.prior", "mbvi.pyro.ProgramPrior", "--model.prior.init_args.program", program]
+        + list(args),
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -287,6 +303,27 @@ def test_cli_trains_with_a_program_prior(tmp_path):
     assert run.data.params["prior"] == "ProgramPrior"
     assert run.data.params["prior.program"] == TWO_GAIT
     assert math.isfinite(run.data.metrics["train/kl"])
+
+
+def test_cli_fits_a_learnable_program_prior_in_the_m_step(tmp_path):
+    """A PyroModule prior with a latent gait, named on the command line: its parameters
+    are trained (the prior's loss is logged) and checkpointed."""
+    env = cli_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    module = "examples.latent_prior.GaitModule"
+    args = ["--model.prior.init_args.factory", "true", "--model.total_env_steps", "200"]
+    proc = _mbvi_with_program(tmp_path, module, env, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["prior.program"] == module
+    assert math.isfinite(run.data.metrics["prior/kl_posterior"])
+    assert run.data.metrics["prior/eta"] > 0
+    ckpt = tmp_path / "checkpoints" / run.info.run_id / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    online, target = state["prior.program_module.locs"], state["prior.target_module.locs"]
+    initial = torch.tensor([[1.0], [-1.0]])
+    assert not torch.equal(online, initial) and not torch.equal(target, initial)
 
 
 def test_cli_reports_an_unimportable_program_in_one_line(tmp_path):

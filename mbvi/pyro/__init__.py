@@ -14,7 +14,10 @@ planning under priors written as Pyro programs.
 
 ``native_objective`` is the hot path; the Pyro model is the reference and the way to
 compose user programs (a custom prior, a stochastic dynamics model); ``ProgramPrior``
-makes a prior program an agent's prior, chosen in a config by its import path.
+makes a prior program an agent's prior, chosen in a config by its import path: its
+latent sites are summed out (discrete) or importance-weighted (continuous), and its
+``pyro.param``s or ``PyroModule`` parameters are fitted in the M-step
+(docs/pyro_programs.md).
 """
 
 from mbvi.pyro.importance import importance_plan

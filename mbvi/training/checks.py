@@ -52,11 +52,12 @@ def kl_target_per_dim(prior: Prior, target: float | None) -> float:
             f"reaches 0 only when the posterior equals the prior), got {kl}; set "
             "--model.target_kl_per_dim to a positive value or leave it unset."
         )
-    if kl <= prior.min_kl_target():
+    floor = prior.min_kl_target()  # an estimate for some priors: computed once
+    if kl <= floor:
         raise ConfigError(
             f"the KL target per action dimension {kl} cannot be met under "
-            f"{type(prior).__name__}: no tanh-Gaussian posterior gets closer to it "
-            f"than {prior.min_kl_target()} nats per dimension, so α would grow "
-            "without bound; set --model.target_kl_per_dim above that or leave it unset."
+            f"{type(prior).__name__}: {prior.min_kl_basis()} than {floor:.4g} nats per "
+            "dimension, so α would grow without bound; set --model.target_kl_per_dim "
+            "above that or leave it unset."
         )
     return kl

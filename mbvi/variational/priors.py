@@ -96,6 +96,11 @@ class Prior(nn.Module):
         at or below it cannot be met (α would grow without bound)."""
         return 0.0
 
+    def min_kl_basis(self) -> str:
+        """How ``min_kl_target`` was found, for the error that quotes it: the words
+        before "than <floor> nats per dimension"."""
+        return "no tanh-Gaussian posterior gets closer to it"
+
     # ---- M-step hooks: fixed priors keep these defaults -------------------------------
     learnable: bool = False
     """True when the prior has parameters fitted in the M-step (then ``loss`` is called)."""
@@ -178,6 +183,8 @@ class ConstantTanhGaussianPrior(Prior):
 # Bounds of log η for the trust-region multipliers: the floor keeps a multiplier that
 # went slack able to act again within a few hundred updates.
 _LOG_ETA_MIN, _LOG_ETA_MAX = math.log(1e-3), math.log(1e6)
+LOG_ETA_BOUNDS = (_LOG_ETA_MIN, _LOG_ETA_MAX)
+"""Bounds of log η of a trust-region multiplier (LearnedPrior; learnable ProgramPrior)."""
 
 
 class LearnedPrior(Prior):
