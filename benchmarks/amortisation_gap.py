@@ -23,8 +23,8 @@ from functools import partial
 
 import torch
 
-from mbvi import VariationalAgent
 from mbvi.planners import GradientRefinement
+from mbvi.training.checkpoints import load_agent
 from mbvi.variational.diagnostics import amortisation_gap
 from mbvi.variational.objectives import TrajectoryObjective
 
@@ -40,7 +40,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     states, parts = None, []
     for path in args.ckpt:
-        agent = VariationalAgent.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+        agent = load_agent(path)
         if states is None:
             states = agent.buffer.sample(args.states)[0]
         refiner = GradientRefinement(steps=args.steps, init_loc=0.0, init_log_scale=0.0)

@@ -33,7 +33,8 @@ from functools import partial
 
 import torch
 
-from mbvi import ConstantTanhGaussianPrior, VariationalAgent
+from mbvi import ConstantTanhGaussianPrior
+from mbvi.training.checkpoints import load_agent
 from mbvi.variational.distributions import TanhGaussian
 from mbvi.variational.objectives import TrajectoryObjective
 
@@ -83,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(args.seed)
-    agent = VariationalAgent.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=False)
+    agent = load_agent(args.ckpt)
     s = agent.buffer.sample(args.states)[0]
     prior = ConstantTanhGaussianPrior()
     prior.build(s.shape[-1], agent.runner.act_dim)

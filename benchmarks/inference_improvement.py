@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mbvi import VariationalAgent
 from mbvi.tracking.figures import plot_iteration_bands
+from mbvi.training.checkpoints import load_agent
 from mbvi.training.runner import EnvRunner, record_episodes
 from mbvi.variational.diagnostics import check_iterative, iteration_improvement, iteration_values
 from mbvi.variational.objectives import TrajectoryObjective
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--episodes and --samples must be at least 1")
     warnings.filterwarnings("ignore")
     torch.manual_seed(args.seed)
-    agent = VariationalAgent.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=False)
+    agent = load_agent(args.ckpt)
     agent.eval()
     try:
         check_iterative(agent.engine)

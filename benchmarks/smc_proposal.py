@@ -27,7 +27,7 @@ import torch
 
 from mbvi.models.oracle import MujocoOracle
 from mbvi.planners import SMC
-from mbvi.training.agent import VariationalAgent
+from mbvi.training.checkpoints import load_agent
 from mbvi.training.model_cli import load_dynamics
 from mbvi.training.runner import EnvRunner, evaluate
 from mbvi.variational.objectives import TrajectoryObjective
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--ess_threshold", type=float, default=1.0)
     args = parser.parse_args()
 
-    agent = VariationalAgent.load_from_checkpoint(args.ckpt, map_location="cpu")
+    agent = load_agent(args.ckpt)
     agent.eval()
     env_id = agent.hparams.env_id
     oracle = MujocoOracle(env_id)

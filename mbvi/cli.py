@@ -1,8 +1,10 @@
 """``mbvi`` command line: ``mbvi fit --config configs/pendulum/sac.yaml``.
 
 Also ``mbvi compare`` (``mbvi.tracking.compare``), ``mbvi table`` (``mbvi.tracking.table``),
+``mbvi sweep`` (``mbvi.tracking.sweep``), ``mbvi render`` (``mbvi.training.video``),
 ``mbvi fit-model`` and ``mbvi export-transitions`` (``mbvi.training.model_cli``,
-``mbvi.training.transitions``).
+``mbvi.training.transitions``), and ``mbvi convert-checkpoint --trust OLD NEW``
+(``mbvi.training.safe_load``).
 
 Built on LightningCLI, so every constructor argument of the agent, its prior, engine
 and value estimate is a documented option (``mbvi fit --help``,
@@ -19,9 +21,10 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
 from mbvi.errors import MbviError
-from mbvi.tracking.logger import RESUMED_FROM_TAG, MLflowTracker
+from mbvi.tracking.logger import MLflowTracker
 from mbvi.training.agent import VariationalAgent
 from mbvi.training.checkpoints import validate_checkpoint
+from mbvi.training.safe_load import require_weights_only
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "mbvi.tracking.logger.MLflowTracker"},
@@ -65,13 +68,14 @@ class MbviCLI(LightningCLI):
 
     def before_fit(self) -> None:
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        require_weights_only(self.config_init[self.subcommand])  # Lightning's own load too
         saved = validate_checkpoint(ckpt_path, self.model) if ckpt_path else {}
         logger = self.trainer.logger
         if isinstance(logger, MLflowTracker):
             logger.default_run_name(self.model.run_name())
             logger.check_reachable()
             if saved.get("run_id"):  # a resumed run names the run it continues
-                logger.experiment.set_tag(logger.run_id, RESUMED_FROM_TAG, saved["run_id"])
+                logger.continue_run(saved["run_id"], saved["env_steps"])
 
 
 def main(args: list[str] | None = None) -> None:
@@ -81,6 +85,10 @@ def main(args: list[str] | None = None) -> None:
         from mbvi.tracking.compare import main as compare_main
 
         sys.exit(compare_main(argv[1:]))
+    if argv and argv[0] == "sweep":  # config × grid × seed `mbvi fit` trials as Ray tasks
+        from mbvi.tracking.sweep import main as sweep_main
+
+        sys.exit(sweep_main(argv[1:]))
     if argv and argv[0] == "table":  # trains Table 1's cells as `mbvi fit` subprocesses
         from mbvi.tracking.table import main as table_main
 
@@ -92,7 +100,11 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
     try:
-        if argv and argv[0] in ("fit-model", "export-transitions"):
+        if argv and argv[0] == "render":  # one episode of a checkpoint's agent as an MP4
+            from mbvi.training.video import render_main
+
+            sys.exit(render_main(argv[1:]))
+        if argv and argv[0] in ("fit-model", "export-transitions", "convert-checkpoint"):
             _model_command(argv[0], argv[1:])
             return
         MbviCLI(
@@ -114,11 +126,16 @@ def main(args: list[str] | None = None) -> None:
 
 
 def _model_command(name: str, argv: list[str]) -> None:
-    """``mbvi fit-model`` (a LightningCLI of its own) and ``mbvi export-transitions``."""
+    """``mbvi fit-model`` (a LightningCLI of its own), ``mbvi export-transitions`` and
+    ``mbvi convert-checkpoint``."""
     if name == "fit-model":
         from mbvi.training.model_cli import main as fit_model
 
         fit_model(argv)
+    elif name == "convert-checkpoint":
+        from mbvi.training.safe_load import convert_main
+
+        convert_main(argv)
     else:
         from mbvi.training.transitions import export_main
 

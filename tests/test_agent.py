@@ -142,7 +142,7 @@ def test_nan_observation_stops_with_a_message_and_keeps_the_last_checkpoint(work
         fit(agent, workdir)
     run = only_run(workdir)
     assert run.info.status == "FAILED"
-    ckpt = torch.load(workdir / "checkpoints" / run.info.run_id / "last.ckpt", weights_only=False)
+    ckpt = torch.load(workdir / "checkpoints" / run.info.run_id / "last.ckpt", weights_only=True)
     assert ckpt["mbvi"]["env_steps"] == 100  # the last good one
 
 
@@ -325,14 +325,14 @@ def test_a_non_finite_parameter_is_never_checkpointed(workdir, monkeypatch):
         fit(agent, workdir)
     run = only_run(workdir)
     assert run.info.status == "FAILED"
-    ckpt = torch.load(workdir / "checkpoints" / run.info.run_id / "last.ckpt", weights_only=False)
+    ckpt = torch.load(workdir / "checkpoints" / run.info.run_id / "last.ckpt", weights_only=True)
     assert ckpt["mbvi"]["env_steps"] == 100
 
 
 def test_resume_restores_networks_optimiser_alpha_and_random_streams(workdir):
     _, logger = fit(tiny_agent(total_env_steps=200), workdir)
     path = workdir / "checkpoints" / logger.run_id / "last.ckpt"
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     with pytest.raises(CheckpointError, match="already reaches this run's budget of 200"):
         validate_checkpoint(path, tiny_agent(total_env_steps=200))
 

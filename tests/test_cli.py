@@ -83,7 +83,7 @@ def test_fit_records_params_metrics_artifacts_and_status(trained):
     assert {"config.yaml", "checkpoints"} <= artifacts
     config = client.download_artifacts(run.info.run_id, "config.yaml", str(cwd))
     assert "total_env_steps: 300" in open(config).read()
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     assert state["mbvi"]["env_steps"] == 300 and len(state["mbvi"]["buffer"]["rew"]) == 300
 
 
@@ -130,10 +130,10 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
     rid = resumed[0].info.run_id
     steps = [m.step for m in client.get_metric_history(rid, "perf/env_steps_per_s")]
     assert min(steps) > 300 and max(steps) == 500
-    state = torch.load(cwd / "checkpoints" / rid / "last.ckpt", weights_only=False)
+    state = torch.load(cwd / "checkpoints" / rid / "last.ckpt", weights_only=True)
     assert state["mbvi"]["env_steps"] == 500
     assert len(state["mbvi"]["buffer"]["rew"]) == 500
-    old = torch.load(ckpt, weights_only=False)["mbvi"]["buffer"]
+    old = torch.load(ckpt, weights_only=True)["mbvi"]["buffer"]
     assert torch.equal(state["mbvi"]["buffer"]["obs"][:300], old["obs"])
 
 
@@ -257,7 +257,7 @@ def test_ctrl_c_writes_a_checkpoint_and_marks_the_run_killed(workdir, sig):
     _, found = runs(workdir)
     assert found[0].info.status == "KILLED", out[-2000:]
     ckpt = workdir / "checkpoints" / found[0].info.run_id / "last.ckpt"
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     assert state["mbvi"]["env_steps"] >= 50
     assert f"interrupted at env step {state['mbvi']['env_steps']}" in out
 

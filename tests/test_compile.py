@@ -96,7 +96,7 @@ def test_a_compiled_agent_trains_records_its_setting_and_resumes(workdir):
     )  # fmt: skip
     trainer.fit(resumed, ckpt_path=path)
     assert resumed.env_steps == 300
-    saved = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    saved = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     changed = [k for k, v in resumed.state_dict().items() if not torch.equal(v, saved[k])]
     assert "log_alpha" in changed  # it trained on from the checkpoint
 

@@ -44,7 +44,7 @@ def test_every_config_trains_on_cuda(path, workdir, monkeypatch):
     for key in ("eval/return", "inference/amortisation_gap", "loss/value"):
         (last,) = client.get_metric_history(run.info.run_id, key)[-1:]
         assert last.step == 400 and torch.isfinite(torch.tensor(last.value)), key
-    ckpt = torch.load(workdir / "checkpoints" / run.info.run_id / "last.ckpt", weights_only=False)
+    ckpt = torch.load(workdir / "checkpoints" / run.info.run_id / "last.ckpt", weights_only=True)
     assert all(v.is_cuda for v in ckpt["state_dict"].values())  # trained on the GPU
 
 
@@ -70,7 +70,7 @@ def test_a_checkpoint_resumes_on_the_other_device(first, then, workdir):
     logger = MLflowTracker(experiment_name="t", tracking_uri=f"sqlite:///{workdir}/mlflow.db")
     _trainer(first, workdir, logger).fit(_agent(200))
     path = workdir / "checkpoints" / logger.run_id / "last.ckpt"
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
 
     resumed = _agent(300)
     validate_checkpoint(path, resumed)

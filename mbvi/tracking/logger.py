@@ -5,13 +5,17 @@
 * the URI is ``--trainer.logger.init_args.tracking_uri``, else ``MLFLOW_TRACKING_URI``,
   else ``sqlite:///mlflow.db`` in the working directory (never the ``./mlruns``
   file store that MLflow 3 refuses);
-* metrics are logged asynchronously (~0.1 ms a call instead of ~5 ms);
-* a run ends FINISHED on success, FAILED on an exception and KILLED on Ctrl-C.
+* metrics are logged asynchronously, so that a call does not wait for the store;
+* a run ends FINISHED on success, FAILED on an exception and KILLED on Ctrl-C;
+* a run whose process died without ending it (SIGKILL, out of memory, a lost machine)
+  stays RUNNING until a resume from its checkpoint ends it FAILED (``continue_run``).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 from contextlib import contextmanager
 
 import mlflow
@@ -30,6 +34,13 @@ except ImportError:  # Windows: no lock; start runs on a new store one at a time
 
 RESUMED_FROM_TAG = "mbvi.resumed_from"
 """Tag of a run resumed from a checkpoint: the MLflow run id that wrote the checkpoint."""
+ORPHANED_TAG = "mbvi.orphaned"
+"""Note on a run that a resume found RUNNING with its process gone, and ended FAILED."""
+HOST_TAG, PID_TAG = "mbvi.host", "mbvi.pid"
+"""Where a run's process runs, so that a resume can tell a dead run from a live one."""
+TAGS_ENV = "MBVI_RUN_TAGS"
+"""Environment variable holding a JSON object of extra run tags (``mbvi sweep`` names
+its trials with it); tags given by option win over it."""
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -44,7 +55,8 @@ class MLflowTracker(MLFlowLogger):
         run_name: name of the run; None names it ``<engine>-<prior>-seed<seed>`` (e.g.
             ``Direct-Uniform-seed0``) when trained through ``mbvi fit``.
         tracking_uri: store URI; None reads MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.
-        tags: extra run tags.
+        tags: extra run tags, added to those of the MBVI_RUN_TAGS environment variable
+            (a JSON object).
     """
 
     def __init__(
@@ -58,7 +70,7 @@ class MLflowTracker(MLFlowLogger):
             experiment_name=experiment_name,
             run_name=run_name,
             tracking_uri=resolve_tracking_uri(tracking_uri),
-            tags=tags,
+            tags={**_process_tags(), **_env_tags(), **(tags or {})},
             log_model=False,
             synchronous=False,
         )
@@ -89,6 +101,34 @@ class MLflowTracker(MLFlowLogger):
         if self._run_name is None and self._run_id is None:
             self._run_name = name
 
+    def continue_run(self, previous: str, env_steps: int) -> None:
+        """Tag this run as the continuation of run ``previous`` (whose checkpoint at
+        ``env_steps`` it resumes), and end ``previous`` FAILED, with an
+        ``mbvi.orphaned`` note, when it is still RUNNING and its process is gone.
+
+        Such a run was killed without a chance to end itself; left RUNNING, it would
+        read as live forever.  Its end time is its last logged metric, so its duration
+        is the time it trained.  A run whose process still runs on this machine is left
+        alone (a resume that branches from a live run); one on another machine cannot
+        be checked and counts as gone.  A ``previous`` outside this store is only named.
+        """
+        client = self.experiment
+        client.set_tag(self.run_id, RESUMED_FROM_TAG, previous)
+        try:
+            old = client.get_run(previous)
+        except Exception:  # the checkpoint comes from another store
+            return
+        if old.info.status != "RUNNING" or _process_alive(old.data.tags):
+            return
+        client.set_tag(
+            previous,
+            ORPHANED_TAG,
+            "its process ended without ending the run (killed: SIGKILL, out of memory or a "
+            f"lost machine); marked FAILED when run {self.run_id} resumed from its checkpoint "
+            f"at env step {env_steps}",
+        )
+        client.set_terminated(previous, "FAILED", end_time=_last_logged(client, old))
+
     def mark_killed(self) -> None:
         self._killed = True
 
@@ -118,6 +158,47 @@ def _store_lock(uri: str):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _process_tags() -> dict[str, str]:
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def _process_alive(tags: dict[str, str]) -> bool:
+    """Whether the process named by a run's host and pid tags still runs (False when
+    they are missing or name another machine)."""
+    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+        return False
+    try:
+        os.kill(int(tags[PID_TAG]), 0)  # signal 0: checks only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _last_logged(client, run) -> int:
+    """Time (ms) of ``run``'s last logged metric, else its start."""
+    stamps = [
+        m.timestamp
+        for key in run.data.metrics
+        for m in client.get_metric_history(run.info.run_id, key)
+    ]
+    return max(stamps, default=run.info.start_time)
+
+
+def _env_tags() -> dict[str, str]:
+    text = os.environ.get(TAGS_ENV)
+    if not text:
+        return {}
+    try:
+        tags = json.loads(text)
+    except ValueError as err:
+        raise TrackingError(f"{TAGS_ENV} must be a JSON object of run tags: {err}") from None
+    if not isinstance(tags, dict):
+        raise TrackingError(f"{TAGS_ENV} must be a JSON object of run tags, got {text!r}")
+    return {str(k): str(v) for k, v in tags.items()}
 
 
 def _tracking_error(uri: str, err: Exception) -> TrackingError:

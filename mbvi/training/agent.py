@@ -40,6 +40,7 @@ from mbvi.training.optim import adam_step, clear_grads, fused_adam
 from mbvi.training.replay import ReplayBuffer
 from mbvi.training.rng import capture_rng_state, restore_rng_state, side_stream
 from mbvi.training.runner import EnvRunner, evaluate
+from mbvi.training.video import EvalVideos
 from mbvi.training.world_fit import WorldFit, refit_due
 from mbvi.variational.diagnostics import amortisation_gap
 from mbvi.variational.objectives import TrajectoryObjective
@@ -119,6 +120,9 @@ class VariationalAgent(L.LightningModule):
             engines that run an optimiser or threads inside inference
             (``GradientRefinement``; ``Iterative`` at the paper's sample count) break
             into many graphs that can take minutes to compile.
+        video_every: env steps between evaluation videos: one mean-action episode
+            rendered offscreen and logged as the MP4 artifact ``videos/step_<env
+            step>.mp4`` (docs/videos.md); 0 (default) records none.
     """
 
     def __init__(
@@ -154,6 +158,7 @@ class VariationalAgent(L.LightningModule):
         gap_states: int = 64,
         model_every: int = 250,
         compile: bool = False,
+        video_every: int = 0,
     ):
         super().__init__()
         check_schedule(locals())
@@ -162,6 +167,8 @@ class VariationalAgent(L.LightningModule):
         self.automatic_optimization = False
         L.seed_everything(seed, verbose=False)
 
+        # Before the envs: the renderer's OpenGL backend is chosen before MuJoCo loads.
+        self._video = EvalVideos(env_id, video_every, seed) if video_every else None
         self.runner = EnvRunner(env_id, seed)
         self.eval_runner = EnvRunner(env_id, seed + 1)
         obs_dim, act_dim = self.runner.obs_dim, self.runner.act_dim
@@ -325,6 +332,8 @@ class VariationalAgent(L.LightningModule):
             self.run_evaluation()
         if hp.gap_every and self.env_steps % hp.gap_every == 0 and self.env_steps > hp.warmup_steps:
             self.measure_amortisation_gap()
+        if self._video is not None and self.env_steps % hp.video_every == 0:
+            self.record_video()
 
     def fit_world_model(self) -> dict[str, float]:
         """Refit the value's world model on the replay buffer (``WorldFit.refit``) and
@@ -448,6 +457,15 @@ class VariationalAgent(L.LightningModule):
         self._log({"eval/return": mean, "eval/return_std": float(np.std(returns))})
         self.last_eval_return = mean
         return mean
+
+    @torch.no_grad()
+    def record_video(self):
+        """One mean-action episode as an MP4 artifact (``mbvi.training.video``), on a
+        side stream like evaluation, so that videos never change the training run."""
+        policy = partial(self._policy, deterministic=True, runner="eval")
+        reset_plan = partial(self._plan_states.__setitem__, "eval", None)
+        with side_stream(self.hparams.seed + self.env_steps, self.device):
+            return self._video.record(policy, self.env_steps, self.logger, reset_plan)
 
     def measure_amortisation_gap(self) -> dict[str, float]:
         """Log the amortisation gap of the engine on ``gap_states`` replay states, drawn

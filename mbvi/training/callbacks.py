@@ -42,7 +42,9 @@ class EnvStepCheckpoint(L.Callback):
         folder = self._run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         path, tmp = folder / "last.ckpt", folder / "last.ckpt.tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)  # full state: optimiser, replay, RNG
+        # Lightning's weights_only=False: the full state (optimiser, replay, RNG), not the
+        # weights alone; all of it plain data that a weights-only load reads.
+        trainer.save_checkpoint(tmp, weights_only=False)
         os.replace(tmp, path)
         self._saved_at, self.last_path = agent.env_steps, path
         if isinstance(trainer.logger, MLFlowLogger):

@@ -1,13 +1,13 @@
-"""What an mbvi checkpoint holds beyond the agent's ``state_dict``, and checking a
-checkpoint before resuming from it, so that a bad path fails before training."""
+"""What an mbvi checkpoint holds beyond the agent's ``state_dict``, checking a
+checkpoint before resuming from it, so that a bad path fails before training, and
+loading an agent from one; every load goes through ``safe_load.load_checkpoint``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from mbvi.errors import CheckpointError
+from mbvi.training.safe_load import load_checkpoint
 
 
 def validate_checkpoint(path: str | Path, agent) -> dict:
@@ -23,13 +23,9 @@ def validate_checkpoint(path: str | Path, agent) -> dict:
             f"checkpoint {str(path)!r} does not exist. Pass the path of a .ckpt file written by "
             "a previous run (checkpoints/<run_id>/last.ckpt, or the run's MLflow artifacts)."
         )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}); it is corrupt or "
-            "truncated. Resume from an earlier checkpoint of the run."
-        ) from None
+    # mmap: the replay buffer is read from disk only if the checks pass
+    unreadable = "it is corrupt or truncated. Resume from an earlier checkpoint of the run."
+    ckpt = load_checkpoint(path, unreadable=unreadable, mmap=True)
     if not isinstance(ckpt, dict) or "mbvi" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(
             f"checkpoint {str(path)!r} was not written by an mbvi agent (no 'mbvi' state)."
@@ -73,6 +69,27 @@ def validate_checkpoint(path: str | Path, agent) -> dict:
             "Resume with the config of the run that wrote it (its config.yaml artifact)."
         )
     return saved
+
+
+def load_agent(path: str | Path, map_location: str | None = "cpu"):
+    """The ``VariationalAgent`` of an mbvi checkpoint, for analysis (benchmarks, videos):
+    the file is checked with ``load_checkpoint`` (a missing, unreadable, unsafe or
+    non-agent file raises ``CheckpointError``), then Lightning rebuilds the agent from
+    it with ``weights_only=True``."""
+    from mbvi.training.agent import VariationalAgent  # the agent imports this module
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not exist; pass an agent checkpoint "
+            "(checkpoints/<run_id>/last.ckpt)"
+        )
+    ckpt = load_checkpoint(path, mmap=True)
+    if not isinstance(ckpt, dict) or "mbvi" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was not written by an mbvi agent (no 'mbvi' state)."
+        )
+    return VariationalAgent.load_from_checkpoint(path, map_location=map_location, weights_only=True)
 
 
 def check_engine_format(saved: dict, engine, path: str | Path | None = None) -> None:

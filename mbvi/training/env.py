@@ -22,7 +22,8 @@ def make_env(env_id: str, seed: int | None = None) -> gym.Env:
 
     Raises:
         EnvError: the id is not registered (close registered names are suggested), its
-            module cannot be imported, or the action space is not a ``Box``.
+            module cannot be imported, the action space is not a ``Box``, or the
+            observation space is not a flat (1-D) ``Box``.
     """
     if ":" in env_id:
         module, _, name = env_id.partition(":")
@@ -52,10 +53,14 @@ def make_env(env_id: str, seed: int | None = None) -> gym.Env:
         not isinstance(env.observation_space, gym.spaces.Box)
         or len(env.observation_space.shape) != 1
     ):
+        space = env.observation_space
         env.close()
         raise EnvError(
-            f"env {env_id!r} has observation space {env.observation_space}; mbvi needs a flat "
-            "Box observation (wrap the env, e.g. with gymnasium.wrappers.FlattenObservation)."
+            f"env {env_id!r} has a {type(space).__name__} observation space {space}; mbvi "
+            "supports only a flat Box observation of shape (S,) (its networks are MLPs over "
+            "a state vector). Wrap the env so that it returns one, e.g. "
+            "gymnasium.wrappers.FlattenObservation for a Dict or Tuple space, or an encoder "
+            "of your own for images."
         )
     if seed is not None:
         env.action_space.seed(seed)

@@ -29,6 +29,7 @@ from mbvi.errors import CheckpointError, ConfigError
 from mbvi.models.dynamics import DynamicsEnsemble
 from mbvi.models.dynamics_module import DynamicsModule
 from mbvi.tracking.logger import MLflowTracker
+from mbvi.training.safe_load import load_checkpoint, require_weights_only
 from mbvi.training.transitions import TransitionsDataModule
 
 SPEC_KEY = "mbvi_model"
@@ -85,12 +86,7 @@ def read_model_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tenso
             f"{where} does not exist; pass a checkpoint written by `mbvi fit-model` "
             "(checkpoints/models/<run_id>/best.ckpt)"
         )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(
-            f"{where} cannot be read ({type(err).__name__}); it is corrupt or truncated"
-        ) from None
+    ckpt = load_checkpoint(path, where)
     if not isinstance(ckpt, dict) or SPEC_KEY not in ckpt:
         hint = (
             " (it is an agent checkpoint: pass it as --data.path to train on its replay buffer)"
@@ -238,6 +234,7 @@ class ModelCLI(LightningCLI):
 
     def before_fit(self) -> None:
         config = self.config[self.subcommand]
+        require_weights_only(self.config_init[self.subcommand])  # as read_model_checkpoint
         ckpt_path, init_from = config.get("ckpt_path"), config.get("init_from")
         if ckpt_path and init_from:
             raise ConfigError(

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from mbvi.errors import MbviError
+from mbvi.training.safe_load import load_checkpoint
 
 FIELDS = ("obs", "act", "rew", "next_obs", "term")
 _ACTION_TOLERANCE = 1e-5  # float32 rounding of a mapped bound action
@@ -195,12 +196,7 @@ def transitions_from_checkpoint(
         raise TransitionsError(
             f"{where} does not exist; pass an agent checkpoint (checkpoints/<run_id>/last.ckpt)"
         )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise TransitionsError(
-            f"{where} cannot be read ({type(err).__name__}); it is not a checkpoint or is truncated"
-        ) from None
+    ckpt = load_checkpoint(path, where, TransitionsError, "it is not a checkpoint or is truncated")
     state = ckpt.get("mbvi") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or "buffer" not in state:
         raise TransitionsError(
