@@ -444,5 +444,5 @@ def test_a_folder_without_a_store_is_an_error_and_stays_empty(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert compare.main(["--experiment", "tiny"]) == 2
-    assert "no MLflow store at 'sqlite:///mlflow.db'" in capsys.readouterr().err
+    assert f"no MLflow store at 'sqlite:///{tmp_path / 'mlflow.db'}'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

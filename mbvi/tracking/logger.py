@@ -17,6 +17,7 @@ import json
 import os
 import socket
 from contextlib import contextmanager
+from pathlib import Path
 
 import mlflow
 from lightning.pytorch.loggers import MLFlowLogger
@@ -44,7 +45,16 @@ its trials with it); tags given by option win over it."""
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """``uri``, else MLFLOW_TRACKING_URI, else the working directory's SQLite store.  A
+    relative SQLite path is made absolute: MLflow caches one store per URI string, so a
+    process that changes directory would otherwise keep writing to the first folder's."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        path = uri[len(prefix) :]
+        if path and path != ":memory:" and not Path(path).is_absolute():
+            return prefix + str(Path.cwd() / path)
+    return uri
 
 
 class MLflowTracker(MLFlowLogger):

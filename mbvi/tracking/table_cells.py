@@ -29,6 +29,10 @@ _ITERATIVE = ("--model.engine=mbvi.planners.Iterative", "--model.engine.iteratio
 _FROM_N01 = ("--model.engine.init_loc=0.0", "--model.engine.init_log_scale=0.0")
 _IMPORTANCE = ("--model.engine=mbvi.planners.ImportanceSampling",
                "--model.engine.n_particles={particles}")  # fmt: skip
+# Through a model, a plan per replay state in every TD target (no amortised proposal) costs
+# K x H model steps per state; SAC's policy as the proposal keeps the backup amortised,
+# as for SMC.  The model-free rows keep the prior as proposal: SQL's and MPO's E-steps.
+_IMPORTANCE_MB = _IMPORTANCE + ("--model.engine.proposal=mbvi.planners.Direct",)
 _SMC = ("--model.engine=mbvi.planners.SMC", "--model.engine.n_particles={particles}",
         "--model.engine.horizon={smc_horizon}", "--model.engine.ess_threshold=0.5",
         "--model.engine.mode=best", "--model.engine.compile={compile}",
@@ -51,8 +55,8 @@ TABLE_1: dict[tuple[str, str, str], tuple[str, ...] | Skip] = {
     ("iterative",  "model-based", "learned"):   _LEARNED + _ITERATIVE,
     ("importance", "model-free",  "uniform"):   _IMPORTANCE,  # Eq. 11 from the uniform prior
     ("importance", "model-free",  "learned"):   _LEARNED + _IMPORTANCE,  # MPO
-    ("importance", "model-based", "uniform"):   _IMPORTANCE,  # weights from the H-step return
-    ("importance", "model-based", "learned"):   _LEARNED + _IMPORTANCE,
+    ("importance", "model-based", "uniform"):   _IMPORTANCE_MB,  # weights: H-step return
+    ("importance", "model-based", "learned"):   _LEARNED + _IMPORTANCE_MB,
     ("smc",        "model-free",  "uniform"):   _NO_MODEL,
     ("smc",        "model-free",  "learned"):   _NO_MODEL,
     ("smc",        "model-based", "uniform"):   _SMC,  # SMCP
