@@ -1,14 +1,19 @@
-"""How a ``DynamicsEnsemble`` learns: the one definition of its training and hold-out
-steps, run either by a Lightning ``Trainer`` (``mbvi fit-model``) or by the plain loop
-``fit_transitions`` that the agent calls every K env steps (MBPO's model training:
-bootstrap minibatches per member, a fixed hold-out split, early stopping on the
-hold-out NLL with the best epoch restored, elites = lowest hold-out MSE).
+"""How a ``DynamicsEnsemble`` (or any trainable ``WorldModel``) learns: the one
+definition of its training and hold-out steps, run either by a Lightning ``Trainer``
+(``mbvi fit-model``) or by the plain loop ``fit_transitions`` that the agent calls
+every K env steps (MBPO's model training: bootstrap minibatches per member, a fixed
+hold-out split, early stopping on the hold-out NLL with the best epoch restored,
+elites = lowest hold-out MSE).
 
     fitter = DynamicsModule(model, max_epochs=20, patience=5)
     metrics = fitter.fit_transitions(s, a, r, s2, term)   # in a run
     trainer.fit(fitter, datamodule)                         # on its own
 
 Shapes: E members, M rows, S state dims, A action dims.
+
+Besides ``loss`` the fit calls only the hooks the ``WorldModel`` base class declares
+(``fit_normalisers``, ``holdout_scores``, ``set_elites``), so a user's Pyro program
+(``mbvi.pyro.ProgramDynamics``) is fitted by the same loop.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import lightning as L
 import torch
 
 from mbvi.errors import ConfigError
-from mbvi.models.dynamics import DynamicsEnsemble
+from mbvi.variational.world_model import WorldModel
 
 _MIN_DELTA = 1e-4  # a hold-out NLL must fall by more than this to count as better
 _HASH_MOD = 1 << 31
@@ -57,7 +62,8 @@ def _as_fields(batch) -> tuple[torch.Tensor, ...]:
 
 
 class DynamicsModule(L.LightningModule):
-    """Trains a ``DynamicsEnsemble`` by its Gaussian NLL (``DynamicsEnsemble.loss``).
+    """Trains a ``DynamicsEnsemble`` by its Gaussian NLL (``DynamicsEnsemble.loss``), or
+    another trainable ``WorldModel`` by its own ``loss``.
 
     With a ``Trainer``, batches are (s, a, r, s2, term) tuples or dicts of rows [M,·]
     (shared by the members) or [E,M,·] (each member's own); the validation loader
@@ -81,7 +87,7 @@ class DynamicsModule(L.LightningModule):
 
     def __init__(
         self,
-        model: DynamicsEnsemble,
+        model: WorldModel,
         lr: float = 1e-3,
         weight_decay: float = 5e-5,
         batch_size: int = 256,
@@ -133,7 +139,7 @@ class DynamicsModule(L.LightningModule):
         nll, mse = self.model.holdout_scores(s, a, r, s2)
         return {
             "model/holdout_nll": nll.mean(),
-            "model/holdout_mse": mse[self.model.elite_idx].mean(),
+            "model/holdout_mse": mse[_elite_idx(self.model)].mean(),
             "model/holdout_mse_per_member": mse,
         }
 
@@ -161,7 +167,7 @@ class DynamicsModule(L.LightningModule):
     def on_fit_start(self) -> None:
         data = getattr(self.trainer.datamodule, "train_transitions", None)
         if data is not None:
-            s, a, r, s2 = (x.to(self.model.in_mean.device) for x in data[:4])
+            s, a, r, s2 = (x.to(_device(self.model)) for x in data[:4])
             self.model.fit_normalisers(s, a, r, s2)
 
     def on_validation_epoch_start(self) -> None:
@@ -212,7 +218,7 @@ class DynamicsModule(L.LightningModule):
         """
         model = self.model
         self._require_built()
-        dev = model.in_mean.device
+        dev = _device(model)
         s, a, r, s2, term = (x.to(dev) for x in (s, a, r, s2, term))
         n = s.shape[0]
         if n == 0:
@@ -253,7 +259,7 @@ class DynamicsModule(L.LightningModule):
         return {
             "model/train_nll": train_nll,
             "model/holdout_nll": float(best["model/holdout_nll"]),
-            "model/holdout_mse": float(per_member[model.elite_idx].mean()),
+            "model/holdout_mse": float(per_member[_elite_idx(model)].mean()),
             "model/epochs": float(epochs),
         }
 
@@ -273,9 +279,9 @@ class DynamicsModule(L.LightningModule):
         return float(total / steps)
 
     def _require_built(self) -> None:
-        if not hasattr(self.model, "net"):
+        if not self.model.built:
             raise ConfigError(
-                "DynamicsModule: the model has no members yet; call "
+                "DynamicsModule: the model is not built yet (it has no parameters); call "
                 "model.build(obs_dim, act_dim) before fitting it"
             )
 
@@ -301,6 +307,19 @@ class DynamicsModule(L.LightningModule):
         self._plain_optimizer().load_state_dict(state)
         if generator is not None:
             self._generator.set_state(generator)
+
+
+def _device(model: WorldModel) -> torch.device:
+    """Where the model's tensors live (its first parameter or buffer)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _elite_idx(model: WorldModel) -> torch.Tensor:
+    """The members ``step`` uses: the ensemble's chosen elites, else every member."""
+    idx = getattr(model, "elite_idx", None)
+    return idx if idx is not None else torch.arange(model.members, device=_device(model))
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

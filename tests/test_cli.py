@@ -272,3 +272,18 @@ def test_a_checkpoint_loads_as_the_trained_agent(trained):
     for name, tensor in agent.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
     assert agent.env_steps == 300 and len(agent.buffer) == 300
+
+
+def test_a_model_based_run_resumes_from_its_checkpoint(workdir, capsys):
+    """A model-based value checkpoints its model's optimiser as extra state (a dict, not
+    a tensor); checking the checkpoint against the agent must accept it."""
+    config = str(CONFIGS / "pendulum" / "mb_tiny.yaml")
+    code, _, err = run_mbvi_here(capsys, "--model.total_env_steps", "150", config=config)
+    assert code == 0, err[-3000:]
+    (ckpt,) = workdir.glob("checkpoints/*/last.ckpt")
+    code, _, err = run_mbvi_here(
+        capsys, "--model.total_env_steps", "200", "--ckpt_path", str(ckpt), config=config
+    )
+    assert code == 0, err[-3000:]
+    (resumed,) = [p for p in workdir.glob("checkpoints/*/last.ckpt") if p != ckpt]
+    assert torch.load(resumed, weights_only=True)["mbvi"]["env_steps"] == 200

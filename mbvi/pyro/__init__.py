@@ -11,15 +11,20 @@ planning under priors written as Pyro programs.
     j, metrics = objective(model, state, posterior, policy)    # batches in a loop
     plan = importance_plan(model, states)          # Eq. 11 weighted particles
     prior = ProgramPrior("examples.mixture_prior.two_gait_prior")   # an agent's prior
+    world = ProgramDynamics("examples.pendulum_physics.PendulumPhysics",   # a world model
+                            reward="examples.pendulum_physics.pendulum_reward", factory=True)
 
 ``native_objective`` is the hot path; the Pyro model is the reference and the way to
 compose user programs (a custom prior, a stochastic dynamics model); ``ProgramPrior``
 makes a prior program an agent's prior, chosen in a config by its import path: its
 latent sites are summed out (discrete) or importance-weighted (continuous), and its
 ``pyro.param``s or ``PyroModule`` parameters are fitted in the M-step
-(docs/pyro_programs.md).
+(docs/pyro_programs.md).  ``ProgramDynamics`` makes a dynamics program the world
+model of ``ModelBasedValue`` and the planners, its parameters fitted by maximum
+likelihood on replay transitions.
 """
 
+from mbvi.pyro.dynamics import ProgramDynamics
 from mbvi.pyro.importance import importance_plan
 from mbvi.pyro.model import OptimalityModel, optimality_model
 from mbvi.pyro.native import compiled_objective, native_objective
@@ -31,6 +36,7 @@ __all__ = [
     "ACTION",
     "ClosedUniform",
     "OptimalityModel",
+    "ProgramDynamics",
     "ProgramPrior",
     "WeightedParticles",
     "compiled_objective",

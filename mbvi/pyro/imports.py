@@ -11,28 +11,28 @@ from typing import Any
 from mbvi.errors import ConfigError
 
 
-def import_object(path: str) -> Any:
+def import_object(path: str, kind: str = "prior program") -> Any:
     """The object at ``package.module.name``; ``ConfigError`` that says what to do if
-    it cannot be imported.  The working directory is searched after ``sys.path``."""
+    it cannot be imported (``kind`` names what it is in the message).  The working
+    directory is searched after ``sys.path``."""
     module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
         raise ConfigError(
-            f"prior program {path!r} is not an import path 'package.module.function', "
+            f"{kind} {path!r} is not an import path 'package.module.function', "
             "e.g. 'examples.mixture_prior.two_gait_prior'"
         )
     try:
         module = _import_module(module_name)
     except ModuleNotFoundError as e:
         raise ConfigError(
-            f"prior program {path!r}: cannot import module {module_name!r} ({e}); searched "
+            f"{kind} {path!r}: cannot import module {module_name!r} ({e}); searched "
             f"sys.path and the working directory {os.getcwd()}. Run mbvi from the folder "
             f"that holds {module_name.split('.')[0]!r}, add that folder to PYTHONPATH, or "
             "install your module (pip install -e .)"
         ) from e
     except Exception as e:
         raise ConfigError(
-            f"prior program {path!r}: importing module {module_name!r} failed: "
-            f"{type(e).__name__}: {e}"
+            f"{kind} {path!r}: importing module {module_name!r} failed: {type(e).__name__}: {e}"
         ) from e
     try:
         obj = getattr(module, attr)
@@ -43,10 +43,10 @@ def import_object(path: str) -> Any:
             if callable(v) and k[0] != "_" and getattr(v, "__module__", None) == module_name
         )
         raise ConfigError(
-            f"prior program {path!r}: module {module_name!r} has no {attr!r}; it defines {public}"
+            f"{kind} {path!r}: module {module_name!r} has no {attr!r}; it defines {public}"
         ) from e
     if not callable(obj):
-        raise ConfigError(f"prior program {path!r} is a {type(obj).__name__}, not a function")
+        raise ConfigError(f"{kind} {path!r} is a {type(obj).__name__}, not a function")
     return obj
 
 

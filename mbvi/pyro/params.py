@@ -1,4 +1,5 @@
-"""The learnable parameters of a prior program, owned by mbvi, with a target copy.
+"""The learnable parameters of a prior (or dynamics) program, owned by mbvi, with a
+target copy.
 
 A Pyro user makes a program learnable in one of two ways, and ``ProgramPrior`` takes both:
 
@@ -33,11 +34,12 @@ from mbvi.errors import ConfigError
 
 class ProgramParams(nn.Module):
     """θ (``online``) and θ̄ (``target``) of a program's ``pyro.param`` statements, by
-    name.  New names are taken only until ``freeze``, which makes θ̄ a copy of θ."""
+    name.  New names are taken only until ``freeze``, which makes θ̄ a copy of θ.
+    ``kind`` names the program in errors ("prior program", "dynamics program")."""
 
-    def __init__(self, program: str):
+    def __init__(self, program: str, kind: str = "prior program"):
         super().__init__()
-        self.program = program
+        self.program, self.kind = program, kind
         self.online = nn.ParameterDict()
         self.target = nn.ParameterDict()
         self._keys: dict[str, str] = {}  # Pyro's name -> ParameterDict key
@@ -60,13 +62,13 @@ class ProgramParams(nn.Module):
     def _create(self, name: str, init, constraint) -> str:
         if self._frozen:
             raise ConfigError(
-                f"prior program {self.program} ran pyro.param({name!r}) for the first time "
+                f"{self.kind} {self.program} ran pyro.param({name!r}) for the first time "
                 "after it was built; mbvi creates a program's parameters on its probe run, "
                 "so run every pyro.param statement on every call"
             )
         if init is None:
             raise ConfigError(
-                f"prior program {self.program}: pyro.param({name!r}) has no initial value; "
+                f"{self.kind} {self.program}: pyro.param({name!r}) has no initial value; "
                 "give one, e.g. pyro.param('scale', torch.tensor(0.3), "
                 "constraint=constraints.positive)"
             )
@@ -74,7 +76,7 @@ class ProgramParams(nn.Module):
         key = re.sub(r"\W", "_", name)
         if key in self.online:
             raise ConfigError(
-                f"prior program {self.program}: pyro.param names {name!r} and "
+                f"{self.kind} {self.program}: pyro.param names {name!r} and "
                 f"{self._name_of(key)!r} clash once punctuation is removed; rename one"
             )
         with torch.no_grad():
@@ -86,9 +88,12 @@ class ProgramParams(nn.Module):
     def _name_of(self, key: str) -> str:
         return next(n for n, k in self._keys.items() if k == key)
 
-    def freeze(self) -> None:
-        """Take no new names; θ̄ ← θ."""
+    def freeze(self, target: bool = True) -> None:
+        """Take no new names; θ̄ ← θ (unless ``target`` is false: a program fitted
+        without a trust region needs no target)."""
         self._frozen = True
+        if not target:
+            return
         for key, param in self.online.items():
             self.target[key] = nn.Parameter(param.detach().clone(), requires_grad=False)
 
@@ -124,7 +129,7 @@ class OwnParams(Messenger):
         if init and isinstance(init[0], nn.Parameter):
             if not self.module_program:
                 raise ConfigError(
-                    f"prior program {self.params.program} registers a torch module's "
+                    f"{self.params.kind} {self.params.program} registers a torch module's "
                     f"parameter {name!r} (pyro.module or an nn.Parameter passed to "
                     "pyro.param) inside a function, so mbvi cannot own, train or "
                     "checkpoint it; make the program itself a PyroModule (or nn.Module), "
@@ -142,15 +147,15 @@ class OwnParams(Messenger):
         msg["done"] = True
 
 
-def run_program(program, s: torch.Tensor, params: ProgramParams, which: str):
-    """``program(s)`` with its ``pyro.param`` statements answered from θ or θ̄; Pyro's
+def run_program(program, s: torch.Tensor, params: ProgramParams, which: str, *args):
+    """``program(s, *args)`` with its ``pyro.param`` statements answered from θ or θ̄; Pyro's
     global param store is left as it was (a module's parameters pass through a
     fresh scope of it)."""
     own = OwnParams(params, which, module_program=isinstance(program, nn.Module))
     with pyro.get_param_store().scope(), own, warnings.catch_warnings():
         # pyro.module skips a frozen copy's parameters (the target), and says so each call.
         warnings.filterwarnings("ignore", message=".*because requires_grad=False")
-        return program(s)
+        return program(s, *args)
 
 
 def module_target(module: nn.Module) -> nn.Module:

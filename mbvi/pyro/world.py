@@ -12,6 +12,9 @@ add nothing to the ELBO but the randomness of the transitions (Eq. 5).  The rewa
 enters the ELBO through a factor, linearly, so it is the expected reward under TS-1
 (the elites' mean reward), which leaves the expectation of α·ELBO unchanged.  A
 model with termination is not covered: the optimality model has no termination.
+
+A ``ProgramDynamics`` is already a Pyro program: its own ``programs()`` are returned,
+so the trace holds the user's next-state site (``s_next_t``) rather than a member site.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from mbvi.pyro.dynamics import ProgramDynamics
 from mbvi.variational.world_model import WorldModel
 
 
@@ -36,6 +40,8 @@ def world_model_programs(model: WorldModel):
     """(dynamics, reward_fn) for ``OptimalityModel``: ``dynamics(s [B,N,S], a [B,N,A])
     -> s'``, a Pyro program with a member site and a Gaussian site per step, and
     ``reward_fn(s, a) -> r [B,N]``, the expected reward."""
+    if isinstance(model, ProgramDynamics):
+        return model.programs()
 
     def predict(s, a, site):
         b, n = a.shape[:2]

@@ -49,10 +49,11 @@ def validate_checkpoint(path: str | Path, agent) -> dict:
     expected = agent.state_dict()
     missing = sorted(set(expected) - set(ckpt["state_dict"]))
     unexpected = sorted(set(ckpt["state_dict"]) - set(expected))
+    # Extra state (a model-based value's optimiser state) is a dict: it has no shape.
     mismatched = [
-        f"{k} {tuple(ckpt['state_dict'][k].shape)} vs {tuple(v.shape)}"
+        f"{k} {_shape(ckpt['state_dict'][k])} vs {_shape(v)}"
         for k, v in expected.items()
-        if k in ckpt["state_dict"] and ckpt["state_dict"][k].shape != v.shape
+        if k in ckpt["state_dict"] and _shape(ckpt["state_dict"][k]) != _shape(v)
     ]
     if missing or unexpected or mismatched:
         detail = "; ".join(
@@ -69,6 +70,10 @@ def validate_checkpoint(path: str | Path, agent) -> dict:
             "Resume with the config of the run that wrote it (its config.yaml artifact)."
         )
     return saved
+
+
+def _shape(x) -> tuple[int, ...] | None:
+    return tuple(x.shape) if hasattr(x, "shape") else None
 
 
 def load_agent(path: str | Path, map_location: str | None = "cpu"):

@@ -27,7 +27,8 @@ class ModelBasedValue(ValueEstimate):
 
     Args:
         model: the world model; default ``mbvi.models.DynamicsEnsemble()`` (7 members,
-            5 elites, 4×200 SiLU).
+            5 elites, 4×200 SiLU).  A user's Pyro program is one through
+            ``mbvi.pyro.ProgramDynamics``.
         leaf: the critic at the leaf, trained by TD on real transitions; default
             ``TwinQ()``.
         horizon: H model steps (0 is the leaf critic alone).

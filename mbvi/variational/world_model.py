@@ -9,6 +9,13 @@ A action dims, E ensemble members.
     step = model.step(s, a, propagation="ts1")      # one sampled transition: [M,S], [M]
     loss, metrics = model.loss(s, a, r, s2, term)   # what training minimises
 
+What the fitting loop (``mbvi.models.DynamicsModule``, the agent's refit) calls on a
+trainable model, with defaults here for a model that needs none of it:
+
+    model.fit_normalisers(s, a, r, s2)              # data statistics (default: none)
+    nll, mse = model.holdout_scores(s, a, r, s2)    # per member, [E] each
+    model.set_elites(idx)                           # the members step uses (default: all)
+
 Implementations: ``mbvi.models.DynamicsEnsemble`` (learned Gaussian ensemble), a user's
 Pyro program, and the true simulator (not differentiable).
 """
@@ -68,6 +75,7 @@ class WorldModel(nn.Module):
 
     Attributes:
         members: E, the ensemble size (1 for a single model).
+        elites: members that ``step`` draws from (all of them unless a fit chooses).
         differentiable: whether ``step`` is differentiable in the actions (False for
             the true simulator); gradient engines refuse a model that is not.
         trainable: whether the agent refits it to replay data (False for the true
@@ -75,6 +83,7 @@ class WorldModel(nn.Module):
     """
 
     members: int = 1
+    elites: int = 1
     differentiable: bool = True
     trainable: bool = True
     obs_dim: int
@@ -123,6 +132,25 @@ class WorldModel(nn.Module):
         """The training loss on a batch of real transitions ``s`` [E,M,S] or [M,S],
         ``a``, ``r``, ``s2``, ``term``, and detached metrics."""
         raise NotImplementedError(f"{type(self).__name__} is not trained")
+
+    @property
+    def built(self) -> bool:
+        """Whether ``build`` has run (a fit needs the parameters it creates)."""
+        return hasattr(self, "obs_dim")
+
+    def fit_normalisers(self, s, a, r, s2) -> None:
+        """Fit whatever statistics of the training transitions the model keeps, before
+        a fit; a model that normalises nothing keeps nothing."""
+
+    def holdout_scores(self, s, a, r, s2) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-member NLL and squared error of the mean on held-out rows ``s`` [M,S],
+        ``a``, ``r`` [M], ``s2``: two ``[E]`` tensors.  The fit stops early on the mean
+        NLL and chooses elites by the squared error."""
+        raise NotImplementedError(f"{type(self).__name__} is not trained")
+
+    def set_elites(self, idx) -> None:
+        """Make members ``idx`` the ones ``step`` uses.  A model whose ``step`` draws
+        from all its members (e.g. a single model) has nothing to choose."""
 
 
 def check_propagation(propagation: str) -> None:
