@@ -98,7 +98,7 @@ def test_each_trial_is_one_finished_run_with_its_seed_and_override(swept, server
         assert max(steps) == 150
     # It served the working directory's store, on localhost, and stopped the server.
     assert "MLflow server http://127.0.0.1:" in done.stdout
-    assert "over sqlite:///mlflow.db" in done.stdout
+    assert f"over sqlite:///{cwd / 'mlflow.db'}" in done.stdout
     # On this machine's cores (a slot per core), one thread each.
     assert "2 of 2 trials to run in experiment 'sw'" in done.stdout
     assert f"{os.cpu_count()} at a time, 1 thread(s) each" in done.stdout

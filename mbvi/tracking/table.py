@@ -109,6 +109,7 @@ def make_jobs(base: dict[str, Path], preset: str, steps: int, seeds: Sequence[in
             name = f"table-{posterior}-{value}-{prior}-seed{seed}"
             argv = [sys.executable, "-m", "mbvi.cli", "fit", "--config", str(base[value]),
                     *(o.format(**sizes) for o in overrides),
+                    f"--model.updates_per_step={sizes['updates']}",
                     f"--model.total_env_steps={steps}", f"--model.seed={seed}",
                     f"--trainer.logger.init_args.experiment_name={experiment}",
                     f"--trainer.logger.init_args.run_name={name}",

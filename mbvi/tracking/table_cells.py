@@ -65,11 +65,13 @@ TABLE_1: dict[tuple[str, str, str], tuple[str, ...] | Skip] = {
 
 PRESETS = {
     # base config per value (in configs/<env>/), default env steps, sizes for TABLE_1
+    # updates: M-step updates per env step in every cell, so that cells compare at equal
+    # updates (mb_direct.yaml's three would triple the model-based cells' cost alone).
     "tiny": dict(configs={"model-free": "tiny.yaml", "model-based": "mb_tiny.yaml"},
-                 steps=150, hidden="[32,32]", samples=2, particles=16, smc_horizon=2,
+                 steps=150, updates=1, hidden="[32,32]", samples=2, particles=16, smc_horizon=2,
                  compile="false"),
     "full": dict(configs={"model-free": "sac.yaml", "model-based": "mb_direct.yaml"},
-                 steps=3000, hidden="[256,256]", samples=4, particles=64, smc_horizon=10,
+                 steps=3000, updates=1, hidden="[256,256]", samples=4, particles=64, smc_horizon=10,
                  compile="true"),
 }  # fmt: skip
 
