@@ -63,7 +63,9 @@ def main() -> None:
     if args.sb3:
         settings = model_settings(args.config, extra)  # a bad config fails before training
     mbvi = str(Path(sys.executable).with_name("mbvi"))
-    client = MlflowClient(resolve_tracking_uri())
+    # Opened after the first run has created the store: mbvi fit builds a new SQLite store
+    # under a lock, and two benchmarks started at once in one folder would race here.
+    client = None
     finals, sb3_finals = [], []
     for seed in args.seeds:
         tag = f"returns-{os.getpid()}-{seed}"
@@ -82,6 +84,7 @@ def main() -> None:
         ]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
+        client = client or MlflowClient(resolve_tracking_uri())
         (run,) = client.search_runs(
             [e.experiment_id for e in client.search_experiments()],
             filter_string=f"attributes.run_name = '{tag}'",
