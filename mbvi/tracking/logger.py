@@ -96,14 +96,21 @@ class MLflowTracker(MLFlowLogger):
 
     def check_reachable(self) -> None:
         """Open the store now, so a bad URI fails before training, naming the URI."""
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # Fail fast here only: left in place, no retries and a short timeout would drop
+        # the run's later (asynchronous) logging whenever a busy server answers slowly.
+        fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+        saved = {k: os.environ.get(k) for k in fast}
+        os.environ.update({k: v for k, v in fast.items() if saved[k] is None})
         try:
             with _store_lock(self._tracking_uri):  # runs started together create one experiment
                 _ = self.experiment
                 _ = self.run_id
         except Exception as err:  # any failure to open the store is the user's to fix
             raise _tracking_error(self._tracking_uri, err) from None
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
 
     def default_run_name(self, name: str) -> None:
         """Name the run ``name`` unless a run name was configured (call before the run
