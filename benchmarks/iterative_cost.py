@@ -68,6 +68,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from mbvi import ConstantTanhGaussianPrior, TwinQ, UniformPrior, VariationalAgent
+from mbvi._private_torch import LINEAR_RELU_OP
 from mbvi.models import q as q_module
 from mbvi.models.q import MIN_FAST_ROWS
 from mbvi.planners import Direct, Iterative
@@ -75,9 +76,9 @@ from mbvi.planners import Direct, Iterative
 ENV_ID, OBS, ACT, HIDDEN, MEMBERS = "HalfCheetah-v5", 17, 6, (256, 256), 2
 FILL = 1000  # random warm-up transitions in the replay buffer
 
-if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+if LINEAR_RELU_OP is not None:
 
-    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    @register_flop_formula(LINEAR_RELU_OP)
     def _linear_pointwise_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
         """x [rows, in] · wᵀ, w [out, in] (bias and pointwise post-op not counted)."""
         return 2 * x_shape[0] * x_shape[1] * w_shape[0]

@@ -62,7 +62,7 @@ def mbvi_rate(
     """(env steps per second, seconds of the first batch with updates)."""
     # Each run compiles afresh, as a new `mbvi fit` process does (dynamo would otherwise
     # stop recompiling for new agents after its cache limit and run them eagerly).
-    torch._dynamo.reset()
+    torch.compiler.reset()
     agent = VariationalAgent(
         ENV_ID,
         prior=UniformPrior(),

@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mbvi._private_torch import linear_relu, linear_relu_fused, relu_backward_
 from mbvi.models.mlp import EnsembleMLP
 from mbvi.models.threads import run_split, split_count
 
@@ -126,13 +127,13 @@ def _ensemble_forward(
         torch.bmm(a.reshape(1, b * n, act_dim).expand(members, -1, -1), w[:, obs_dim:], out=h)
         h.view(members, b, n, -1).add_(h_s.unsqueeze(2))
     hidden = [h.relu_()]
-    fused = _fused_linear_relu(a)
+    fused = linear_relu_fused(a)
     for layer, (w, bias) in enumerate(zip(params[2:-2:2], params[3:-2:2]), start=1):
         if fused:
             # One oneDNN matmul with bias and ReLU as post-ops, per member: no separate
             # passes over the activations for the bias and the ReLU.
             x = hidden[-1]
-            hidden.append([_linear_relu(x[e], w[e].t(), bias[e, 0]) for e in range(members)])
+            hidden.append([linear_relu(x[e], w[e].t(), bias[e, 0]) for e in range(members)])
         else:
             # bmm then add_: faster on CPU than baddbmm, which first copies the bias.
             h = _scratch.take(f"h{layer}", (members, b * n, w.shape[-1]), a)
@@ -144,42 +145,6 @@ def _ensemble_forward(
     for e in range(members):
         torch.addmm(bias[e], x[e], w[e], out=q[e])
     return q.squeeze(-1), hidden
-
-
-def _linear_relu(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """relu(x @ w_t.T + bias) as one oneDNN primitive (CPU, float32)."""
-    return torch.ops.mkldnn._linear_pointwise(x, w_t, bias, "relu", [None], "")
-
-
-_FUSED_OK: bool | None = None
-
-
-def _fused_linear_relu(x: torch.Tensor) -> bool:
-    """Whether the hidden layers of ``x``'s forward run as fused oneDNN linear+ReLU:
-    CPU float32 on a build whose oneDNN op exists and agrees with plain torch (checked
-    once; otherwise bmm, bias add and ReLU as separate ops)."""
-    global _FUSED_OK
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return False
-    if _FUSED_OK is None:
-        _FUSED_OK = False
-        if torch.backends.mkldnn.is_available():
-            g = torch.Generator().manual_seed(0)
-            x_, w_, b_ = (torch.randn(*shape, generator=g) for shape in ((5, 7), (3, 7), (3,)))
-            try:
-                _FUSED_OK = torch.allclose(
-                    _linear_relu(x_, w_, b_), torch.relu(x_ @ w_.t() + b_), atol=1e-5
-                )
-            except (AttributeError, RuntimeError, NotImplementedError):
-                pass
-    return _FUSED_OK
-
-
-def _relu_backward_(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``grad`` where the ReLU output ``out`` is positive, else 0, written into ``out``:
-    ReLU's own backward kernel (one fused op; a mask plus ``masked_fill`` is ~10x slower
-    on CPU)."""
-    return torch.ops.aten.threshold_backward.grad_input(grad, out, 0.0, grad_input=out)
 
 
 def _action_gradient(
@@ -219,12 +184,12 @@ def _action_gradient(
                 else (which == e)[:, None] * w_out
             )
         for layer in range(len(acts) - 1, 0, -1):
-            d = _relu_backward_(d, acts[layer])
+            d = relu_backward_(d, acts[layer])
             w = weights[layer][e]
             d = torch.mm(d, w.t(), out=_scratch.take(f"d{layer}", (r, w.shape[0]), d))
         # Through the first layer's action rows [A,H]: as (W_a · dᵀ)ᵀ, which runs faster
         # on CPU than d · W_aᵀ with its A (a few) output columns.
-        d = (weights[0][e, obs_dim:] @ _relu_backward_(d, acts[0]).t()).t()
+        d = (weights[0][e, obs_dim:] @ relu_backward_(d, acts[0]).t()).t()
         if gather:
             grad.index_copy_(0, idx, d)
         else:

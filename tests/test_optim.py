@@ -114,25 +114,3 @@ def test_clear_grads_sets_every_gradient_to_none():
     assert all(p.grad is not None for p in [*net.parameters(), extra])
     clear_grads(opt)
     assert all(p.grad is None for p in [*net.parameters(), extra])
-
-
-def test_private_torch_probes_agree_with_their_plain_fallbacks():
-    """``mbvi._private_torch``: the foreach fast paths (when this torch has them) give
-    what the plain loops give, and both the Polyak average's closed form, so a torch
-    without them loses speed, not correctness."""
-    from mbvi import _private_torch as pt
-
-    g = torch.Generator().manual_seed(0)
-    sources = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
-    start = [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)]
-    fast, plain = [t.clone() for t in start], [t.clone() for t in start]
-    pt.polyak_(fast, sources, 0.05)
-    pt.plain_polyak_(plain, sources, 0.05)
-    for f, p, t, s in zip(fast, plain, start, sources):
-        torch.testing.assert_close(f, t + 0.05 * (s - t))
-        torch.testing.assert_close(p, t + 0.05 * (s - t))
-    pt.add_(fast, 1.0)
-    pt.plain_add_(plain, 1.0)
-    for f, p, t, s in zip(fast, plain, start, sources):
-        torch.testing.assert_close(f, t + 0.05 * (s - t) + 1.0)
-        torch.testing.assert_close(p, f)

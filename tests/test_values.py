@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import mbvi.models.q as q_module
+from mbvi import _private_torch as pt
 from mbvi.models.q import (
     FrozenReducedQ,
     QEnsemble,
@@ -70,8 +71,8 @@ def test_frozen_reduced_gradcheck(reduce):
 def test_fused_hidden_layers_are_used_on_cpu_float32_only():
     """The oneDNN linear+ReLU serves float32 on CPU (its probe agrees with plain torch);
     float64 (the exact tests above) takes bmm, bias add and ReLU."""
-    assert q_module._fused_linear_relu(torch.zeros(1))
-    assert not q_module._fused_linear_relu(torch.zeros(1, dtype=torch.float64))
+    assert pt.linear_relu_fused(torch.zeros(1))
+    assert not pt.linear_relu_fused(torch.zeros(1, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
@@ -81,9 +82,12 @@ def test_fused_hidden_layers_are_used_on_cpu_float32_only():
 def test_frozen_reduced_float32_matches_autograd(fused, reduce, members, hidden, n, monkeypatch):
     """float32, as trained: both hidden-layer paths (fused oneDNN linear+ReLU and plain
     ops) against autograd through the critics, in value and action gradient."""
-    if fused and not q_module._fused_linear_relu(torch.zeros(1)):
+    if fused and not pt.linear_relu_fused(torch.zeros(1)):
         pytest.skip("no fused linear+ReLU in this build")
-    monkeypatch.setattr(q_module, "_FUSED_OK", fused)
+    monkeypatch.setattr(pt, "_LINEAR_RELU_OK", fused)
+    # The plain variant also takes relu_backward_'s fallback: a torch without the
+    # private kernels must still give autograd's gradient.
+    monkeypatch.setattr(pt, "_RELU_BACKWARD_OK", fused and pt._RELU_BACKWARD_OK)
     torch.manual_seed(7)
     q = QEnsemble(5, 3, hidden, members)
     s, a = torch.randn(6, 5), torch.rand(6, n, 3) * 2 - 1
