@@ -105,7 +105,7 @@ def test_compiled_smc_draws_what_eager_smc_draws():
     """``SMC(compile=True)``: the particle loop as one compiled graph (random draws
     left to eager kernels) gives the eager planner's particles and weights for the
     same seed, with a model and resampling by an ESS threshold."""
-    from tests.test_planners_np import _engine, model_based_objective
+    from tests.lq_problem import _engine, model_based_objective
 
     objective = model_based_objective(6)
     results = []
