@@ -10,8 +10,9 @@ from mlflow import MlflowClient
 
 from mbvi.tracking import table as table_mod
 from mbvi.tracking.runs import COMPARE_TAG
-from mbvi.tracking.table import Job, Measured, markdown, render, run_jobs, speed_after_warmup
+from mbvi.tracking.table import Job, run_jobs, speed_after_warmup
 from mbvi.tracking.table_cells import COLUMNS, POSTERIORS, TABLE_1, TITLES, Skip
+from mbvi.tracking.table_render import Measured, markdown, render
 from tests.conftest import MBVI, cli_env
 
 EXPERIMENT = "table-test"
