@@ -26,23 +26,23 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from mbvi.errors import ConfigError, NonFiniteError
+from mbvi.errors import NonFiniteError
 from mbvi.planners.base import InferenceEngine
 from mbvi.planners.direct import Direct
 from mbvi.planners.gradient import GradientRefinement
+from mbvi.training.acting import Acting
 from mbvi.training.callbacks import DeferredInterrupt, EnvStepCheckpoint, EnvStepProgress
 from mbvi.training.checkpoints import agent_state, load_agent_state
-from mbvi.training.checks import check_schedule, kl_target_per_dim
+from mbvi.training.checks import check_components, check_schedule, kl_target_per_dim
 from mbvi.training.components import build_component, component_params, component_spec
 from mbvi.training.m_step import AlphaTarget, TDInference, check_m_step_options, m_step_losses
 from mbvi.training.metrics import RunningMeans
 from mbvi.training.optim import adam_step, clear_grads, fused_adam
 from mbvi.training.replay import ReplayBuffer
-from mbvi.training.rng import capture_rng_state, restore_rng_state, side_stream
-from mbvi.training.runner import EnvRunner, evaluate
+from mbvi.training.rng import capture_rng_state, restore_rng_state
+from mbvi.training.runner import EnvRunner
 from mbvi.training.video import EvalVideos
 from mbvi.training.world_fit import WorldFit, refit_due
-from mbvi.variational.diagnostics import amortisation_gap
 from mbvi.variational.objectives import TrajectoryObjective
 from mbvi.variational.priors import KLForm, Prior, UniformPrior
 from mbvi.variational.values import TwinQ, ValueEstimate
@@ -59,7 +59,7 @@ class _Ticks(IterableDataset):
             yield 0
 
 
-class VariationalAgent(L.LightningModule):
+class VariationalAgent(Acting, L.LightningModule):
     """Variational RL agent: choose a prior, an inference engine and a value estimate.
 
     Args:
@@ -184,18 +184,7 @@ class VariationalAgent(L.LightningModule):
         self.prior.set_kl_form(kl_form)
         self.engine.build(obs_dim, act_dim)
         self.value.build(obs_dim, act_dim, env=self.runner.env)
-        self.engine.check_prior(self.prior)
-        model = self.value.world_model
-        if model is not None and not model.differentiable and self.engine.amortised:
-            raise ConfigError(
-                f"the world model {type(model).__name__} is not differentiable, but "
-                f"{type(self.engine).__name__} trains an inference network by gradients of "
-                "Q̂ through it; plan with SMC, MPPI or CEM without an amortised proposal, "
-                "or use a learned mbvi.models.DynamicsEnsemble"
-            )
-        check_value = getattr(self.engine, "check_value", None)
-        if check_value is not None:  # planners need a world model to plan through
-            check_value(self.value)
+        check_components(self.prior, self.engine, self.value)
         self.value.bind(self.prior, self.engine, lambda: self.alpha, gamma)
         self.log_alpha = torch.nn.Parameter(torch.tensor(math.log(init_alpha)))
         self.kl_target = kl_target_per_dim(self.prior, target_kl_per_dim) * act_dim
@@ -347,28 +336,6 @@ class VariationalAgent(L.LightningModule):
         acting and inference maximise."""
         return TrajectoryObjective(s, partial(self.value, frozen=True), self.prior, self.alpha)
 
-    def _policy(
-        self, obs: np.ndarray, deterministic: bool = False, runner: str = "train"
-    ) -> np.ndarray:
-        s = torch.as_tensor(obs, dtype=torch.float32, device=self.device).unsqueeze(0)
-        with torch.no_grad():
-            if hasattr(self.engine, "init_plan_state"):
-                if self._plan_states[runner] is None:
-                    self._plan_states[runner] = self.engine.init_plan_state(1, s.device, s.dtype)
-                plan_state = self._plan_states[runner]
-                posterior = self.engine.infer(s, self.objective(s), plan_state=plan_state)
-            else:
-                posterior = self.engine.infer(s, self.objective(s))
-            a = posterior.mean_action() if deterministic else posterior.sample(1)[:, 0]
-        action = a[0].cpu().numpy()
-        if not np.isfinite(action).all():
-            self._metrics.means(self.env_steps)  # names a loss that went non-finite
-            raise NonFiniteError(
-                f"the action from the engine is NaN or Inf at env step {self.env_steps + 1}; "
-                "training stopped and the last good checkpoint is kept."
-            )
-        return action
-
     def _act_and_store(self) -> None:
         if self.env_steps < self.hparams.warmup_steps:
             policy = lambda obs: self._rng.uniform(-1.0, 1.0, self.runner.act_dim)  # noqa: E731
@@ -436,49 +403,6 @@ class VariationalAgent(L.LightningModule):
     def _log(self, metrics: dict[str, float]) -> None:
         if self.logger is not None:
             self.logger.log_metrics(metrics, step=self.env_steps)
-
-    @torch.no_grad()
-    def run_evaluation(self) -> float:
-        """Mean return of ``eval_episodes`` mean-action episodes; logged as eval/return.
-
-        Runs on a side stream (``mbvi.training.rng.side_stream``): engines that sample while
-        inferring (Iterative's ∇λJ̃) neither shift training's random numbers (so
-        ``eval_every`` cannot change a run) nor depend on them."""
-        policy = partial(self._policy, deterministic=True, runner="eval")
-
-        def reset_plan() -> None:
-            self._plan_states["eval"] = None
-
-        with side_stream(self.hparams.seed + self.env_steps, self.device):
-            returns = evaluate(
-                self.eval_runner, policy, self.hparams.eval_episodes, self.env_steps, reset_plan
-            )
-        mean = float(np.mean(returns))
-        self._log({"eval/return": mean, "eval/return_std": float(np.std(returns))})
-        self.last_eval_return = mean
-        return mean
-
-    @torch.no_grad()
-    def record_video(self):
-        """One mean-action episode as an MP4 artifact (``mbvi.training.video``), on a
-        side stream like evaluation, so that videos never change the training run."""
-        policy = partial(self._policy, deterministic=True, runner="eval")
-        reset_plan = partial(self._plan_states.__setitem__, "eval", None)
-        with side_stream(self.hparams.seed + self.env_steps, self.device):
-            return self._video.record(policy, self.env_steps, self.logger, reset_plan)
-
-    def measure_amortisation_gap(self) -> dict[str, float]:
-        """Log the amortisation gap of the engine on ``gap_states`` replay states, drawn
-        (like the refinement's samples) from a side stream: ``gap_every`` never changes
-        the training run."""
-        if self._refiner is None:
-            self._refiner = GradientRefinement(init_loc=0.0, init_log_scale=0.0)
-            self._refiner.build(self.runner.obs_dim, self.runner.act_dim)
-        with side_stream(self.hparams.seed + self.env_steps, self.device) as generator:
-            s = self.buffer.sample(self.hparams.gap_states, generator)[0]
-            metrics = amortisation_gap(self.engine, self._refiner, s, self.objective(s))
-        self._log(metrics)
-        return metrics
 
     # ---- checkpoint state beyond the state_dict (see mbvi.training.checkpoints) ------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

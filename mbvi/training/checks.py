@@ -61,3 +61,21 @@ def kl_target_per_dim(prior: Prior, target: float | None) -> float:
             "above that or leave it unset."
         )
     return kl
+
+
+def check_components(prior, engine, value) -> None:
+    """Raise ``ConfigError`` when the built prior, engine and value cannot work together:
+    an engine that cannot start from the prior, an amortised engine trained through a
+    world model that is not differentiable, a planner without a model to plan through."""
+    engine.check_prior(prior)
+    model = value.world_model
+    if model is not None and not model.differentiable and engine.amortised:
+        raise ConfigError(
+            f"the world model {type(model).__name__} is not differentiable, but "
+            f"{type(engine).__name__} trains an inference network by gradients of "
+            "Q̂ through it; plan with SMC, MPPI or CEM without an amortised proposal, "
+            "or use a learned mbvi.models.DynamicsEnsemble"
+        )
+    check_value = getattr(engine, "check_value", None)
+    if check_value is not None:  # planners need a world model to plan through
+        check_value(value)
