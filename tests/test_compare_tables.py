@@ -15,6 +15,7 @@ from mbvi.tracking.compare import (
     summarize,
     truncate,
 )
+from mbvi.tracking.compare import main as compare_main
 from mbvi.tracking.figures import improvement, improvement_by_group, plot_improvement
 from mbvi.tracking.runs import (
     RunData,
@@ -169,3 +170,9 @@ def test_settings_that_differ_between_rows_are_named_beside_the_design_choices()
 def test_duplicate_seeds_are_reported():
     row = GroupSummary(DIRECT, ["0", "0", "1"], ["a", "b", "c"], 0.0, 0.0, 1, 1.0, 1.0)
     assert duplicate_seeds(row) == ["0"]
+
+
+def test_help_names_the_statistics(capsys):
+    with pytest.raises(SystemExit):
+        compare_main(["--help"])
+    assert "95% bootstrap confidence intervals" in " ".join(capsys.readouterr().out.split())

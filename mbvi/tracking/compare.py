@@ -353,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mbvi compare",
         description="Table and learning curves (paper Fig. 3b, Fig. 2) of an MLflow "
-        "experiment, with interquartile means and 95%% bootstrap confidence intervals.",
+        "experiment, with interquartile means and 95% bootstrap confidence intervals.",
     )
     add = parser.add_argument
     add("--experiment", required=True, help="MLflow experiment to compare")
