@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mbvi.tracking.sweep import parse_seeds
+
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {
     "iterative": ROOT / "configs" / "halfcheetah" / "paper_iterative.yaml",
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("gpu_paper"), help="working folder")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    trials = 2 * len(_seeds(args.seeds))
+    trials = len(ARMS) * len(parse_seeds(args.seeds))
     threads = max(1, (os.cpu_count() or 1) // trials)
     command = [MBVI, "sweep", *(f"--config={path}" for path in ARMS.values()),
                f"--seeds={args.seeds}", f"--grid=model.total_env_steps={args.steps}",
@@ -62,12 +64,6 @@ def main(argv: list[str] | None = None) -> int:
           f"direct={means['direct']:.1f} iterative_runs={listed['iterative'] or '-'} "
           f"direct_runs={listed['direct'] or '-'}")  # fmt: skip
     return status
-
-
-def _seeds(text: str) -> list[int]:
-    from mbvi.tracking.sweep import parse_seeds
-
-    return parse_seeds(text)
 
 
 def _mean(values: list[float]) -> float:

@@ -47,6 +47,12 @@ class Acting:
             )
         return action
 
+    def _eval_policy(self):
+        """(the mean-action policy on the eval runner's warm start, a reset of that warm
+        start for each new episode)."""
+        policy = partial(self._policy, deterministic=True, runner="eval")
+        return policy, partial(self._plan_states.__setitem__, "eval", None)
+
     @torch.no_grad()
     def run_evaluation(self) -> float:
         """Mean return of ``eval_episodes`` mean-action episodes; logged as eval/return.
@@ -54,11 +60,7 @@ class Acting:
         Runs on a side stream (``mbvi.training.rng.side_stream``): engines that sample while
         inferring (Iterative's ∇λJ̃) neither shift training's random numbers (so
         ``eval_every`` cannot change a run) nor depend on them."""
-        policy = partial(self._policy, deterministic=True, runner="eval")
-
-        def reset_plan() -> None:
-            self._plan_states["eval"] = None
-
+        policy, reset_plan = self._eval_policy()
         with side_stream(self.hparams.seed + self.env_steps, self.device):
             returns = evaluate(
                 self.eval_runner, policy, self.hparams.eval_episodes, self.env_steps, reset_plan
@@ -72,8 +74,7 @@ class Acting:
     def record_video(self):
         """One mean-action episode as an MP4 artifact (``mbvi.training.video``), on a
         side stream like evaluation, so that videos never change the training run."""
-        policy = partial(self._policy, deterministic=True, runner="eval")
-        reset_plan = partial(self._plan_states.__setitem__, "eval", None)
+        policy, reset_plan = self._eval_policy()
         with side_stream(self.hparams.seed + self.env_steps, self.device):
             return self._video.record(policy, self.env_steps, self.logger, reset_plan)
 

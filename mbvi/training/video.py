@@ -24,7 +24,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import gymnasium as gym
@@ -367,10 +366,7 @@ def render_main(argv: list[str]) -> int:
     except RendererUnavailable as err:
         raise RendererUnavailable(f"cannot render env {env_id!r}: {err}") from None
     torch.manual_seed(args.seed)  # engines that sample while inferring
-    # The policy evaluation acts with: the posterior's mean action, and a planner's own
-    # warm start, reset as the episode starts.
-    policy = partial(agent._policy, deterministic=True, runner="eval")
-    reset_plan = partial(agent._plan_states.__setitem__, "eval", None)
+    policy, reset_plan = agent._eval_policy()  # the policy evaluation acts with
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     try:
         with torch.no_grad():
