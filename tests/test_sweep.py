@@ -138,6 +138,26 @@ def test_rerun_skips_finished_trials_and_reruns_the_others(swept, server):
     assert sorted(r.info.status for r in seed1) == ["FAILED", "FINISHED"]
 
 
+def _niceness() -> int:
+    return os.nice(0)
+
+
+def test_trials_run_at_the_niceness_of_the_sweep_not_rays(monkeypatch):
+    """Ray's workers default to niceness 15, which a trial inherits: beside any other
+    process it would run many times slower than the same ``mbvi fit`` typed by hand."""
+    from mbvi.tracking import sweep_services as services
+
+    monkeypatch.setenv(services.WORKER_NICENESS_ENV, "15")
+    monkeypatch.delenv(services.WORKER_NICENESS_ENV)  # unset here, restored to unset after
+    ray = services.import_ray()
+    try:
+        assert services.connect(None, 1, 1) == 1
+        worker_niceness = ray.get(ray.remote(_niceness).remote())
+    finally:
+        ray.shutdown()
+    assert worker_niceness == os.nice(0)
+
+
 # ---- bad input: refused before any trial starts --------------------------------------------
 def refused(capsys, workdir, *extra: str) -> str:
     code, _, err = run_cli_in_process(capsys, *SWEEP, *extra)

@@ -24,6 +24,8 @@ from mbvi.tracking.logger import DEFAULT_TRACKING_URI, resolve_tracking_uri
 CONNECT_TIMEOUT_S = 5.0
 """How long a Ray address or a tracking server may take to answer a first connection."""
 SERVER_START_TIMEOUT_S = 120.0
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
+"""Ray's setting of its workers' niceness (default 15), read when a node starts."""
 _SQLITE = "sqlite:///"
 
 
@@ -91,6 +93,10 @@ def connect(address: str | None, num_cpus: int | None, threads_per_trial: int) -
     needing more CPUs than any node has would wait forever: refused here."""
     ray = import_ray()
     if address is None:
+        # Ray starts its workers at niceness 15 and a trial inherits it: beside any other
+        # process on the machine a trial would get a small share of the cores and run
+        # many times slower than the same `mbvi fit` typed by hand.  Trials are the work.
+        os.environ.setdefault(WORKER_NICENESS_ENV, "0")
         ray.init(
             num_cpus=num_cpus or os.cpu_count() or 1,
             include_dashboard=False,
