@@ -77,13 +77,16 @@ def main() -> None:
     parser.add_argument("--order", choices=["sequential-first", "sweep-first"],
                         default="sequential-first")  # fmt: skip
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     if args.order == "sweep-first":
         sweep_s = sweep(args.steps)
         sequential_s = sequential(args.steps, args.sequential_threads)
     else:
         sequential_s = sequential(args.steps, args.sequential_threads)
         sweep_s = sweep(args.steps)
-    print(f"2 configs × {len(SEEDS)} seeds × {args.steps} env steps on {os.cpu_count()} cores")
+    load_after = os.getloadavg()[0]
+    print(f"2 configs × {len(SEEDS)} seeds × {args.steps} env steps on {os.cpu_count()} cores; "
+          f"1-min load average {load_before:.1f} before, {load_after:.1f} after")  # fmt: skip
     print(f"sweep_speedup sequential_s={sequential_s:.1f} sweep_s={sweep_s:.1f} "
           f"ratio={sweep_s / sequential_s:.2f}")  # fmt: skip
 
