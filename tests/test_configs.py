@@ -6,8 +6,8 @@ import sys
 import pytest
 import yaml
 
-from mbvi.cli import TRAINER_DEFAULTS, MbviCLI
 from mbvi.training.agent import VariationalAgent
+from mbvi.training.fit_cli import TRAINER_DEFAULTS, MbviCLI
 from tests.conftest import CONFIGS
 
 # Agent configs; configs/models/ holds `mbvi fit-model` configs (tests/test_fit_model.py).

@@ -312,7 +312,7 @@ def compare(
 ) -> list[GroupSummary]:
     """Print the table, write the figures and log them; returns the table's rows.
     ``reps``: bootstrap resamples, None for ``mbvi.tracking.stats``' defaults."""
-    from mbvi.tracking.logger import resolve_tracking_uri
+    from mbvi.tracking.uri import resolve_tracking_uri
 
     client = open_store(resolve_tracking_uri(tracking_uri))
     experiment_id, runs = load_runs(client, experiment, metric)

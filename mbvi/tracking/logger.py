@@ -17,14 +17,13 @@ import json
 import os
 import socket
 from contextlib import contextmanager
-from pathlib import Path
 
 import mlflow
 from lightning.pytorch.loggers import MLFlowLogger
 
 from mbvi.errors import TrackingError
+from mbvi.tracking.uri import DEFAULT_TRACKING_URI, TAGS_ENV, resolve_tracking_uri
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _SQLITE = "sqlite:///"
 
 try:
@@ -39,22 +38,6 @@ ORPHANED_TAG = "mbvi.orphaned"
 """Note on a run that a resume found RUNNING with its process gone, and ended FAILED."""
 HOST_TAG, PID_TAG = "mbvi.host", "mbvi.pid"
 """Where a run's process runs, so that a resume can tell a dead run from a live one."""
-TAGS_ENV = "MBVI_RUN_TAGS"
-"""Environment variable holding a JSON object of extra run tags (``mbvi sweep`` names
-its trials with it); tags given by option win over it."""
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """``uri``, else MLFLOW_TRACKING_URI, else the working directory's SQLite store.  A
-    relative SQLite path is made absolute: MLflow caches one store per URI string, so a
-    process that changes directory would otherwise keep writing to the first folder's."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        path = uri[len(prefix) :]
-        if path and path != ":memory:" and not Path(path).is_absolute():
-            return prefix + str(Path.cwd() / path)
-    return uri
 
 
 class MLflowTracker(MLFlowLogger):

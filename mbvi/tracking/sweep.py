@@ -41,7 +41,7 @@ from pathlib import Path
 import yaml
 
 from mbvi.errors import ConfigError, MbviError
-from mbvi.tracking.logger import TAGS_ENV
+from mbvi.tracking.uri import TAGS_ENV
 
 TRIAL_TAG = "mbvi.sweep.trial"
 NAME_TAG = "mbvi.sweep.name"

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mbvi.errors import MbviError, TrackingError
-from mbvi.tracking.logger import DEFAULT_TRACKING_URI, resolve_tracking_uri
+from mbvi.tracking.uri import DEFAULT_TRACKING_URI, resolve_tracking_uri
 
 CONNECT_TIMEOUT_S = 5.0
 """How long a Ray address or a tracking server may take to answer a first connection."""

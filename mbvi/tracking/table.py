@@ -206,7 +206,7 @@ def table(env_id: str, preset: str = "tiny", steps: int | None = None,
           configs: Path = CONFIGS) -> int:  # fmt: skip
     """Train Table 1's cells (unless ``render_only``), print and log the table; returns
     the exit status: 1 if a run failed, else 0."""
-    from mbvi.tracking.logger import resolve_tracking_uri
+    from mbvi.tracking.uri import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     experiment = experiment or f"table1-{env_id}-{preset}"

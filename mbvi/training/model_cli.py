@@ -274,7 +274,7 @@ class ModelCLI(LightningCLI):
 
 def main(argv: list[str]) -> None:
     """``mbvi fit-model ARGS``: LightningCLI's ``fit`` with ``ARGS``."""
-    from mbvi.cli import MLflowSaveConfig
+    from mbvi.training.fit_cli import MLflowSaveConfig
 
     # `mbvi fit-model ARGS` runs as `fit ARGS`, which LightningCLI warns differs from argv
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run.*")
