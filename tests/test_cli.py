@@ -7,6 +7,7 @@ subprocess; checks that fail before training call the same entry point,
 
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -287,3 +288,17 @@ def test_a_model_based_run_resumes_from_its_checkpoint(workdir, capsys):
     assert code == 0, err[-3000:]
     (resumed,) = [p for p in workdir.glob("checkpoints/*/last.ckpt") if p != ckpt]
     assert torch.load(resumed, weights_only=True)["mbvi"]["env_steps"] == 200
+
+
+def test_compare_and_sweep_start_without_torch_or_lightning():
+    """The dispatcher, ``mbvi compare`` and ``mbvi sweep`` import neither torch nor
+    Lightning (seconds of start-up): only ``mbvi fit`` and its kin need them."""
+    code = (
+        "import sys\n"
+        "import mbvi.cli, mbvi.tracking, mbvi.tracking.compare, mbvi.tracking.sweep\n"
+        "import mbvi.tracking.sweep_services, mbvi.tracking.sweep_table\n"
+        "print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "RESUMED_FROM_TAG": "mbvi.tracking.logger",
+    "RESUMED_FROM_TAG": "mbvi.tracking.uri",
     "MLflowTracker": "mbvi.tracking.logger",
     "resolve_tracking_uri": "mbvi.tracking.uri",
 }

@@ -22,7 +22,12 @@ import mlflow
 from lightning.pytorch.loggers import MLFlowLogger
 
 from mbvi.errors import TrackingError
-from mbvi.tracking.uri import DEFAULT_TRACKING_URI, TAGS_ENV, resolve_tracking_uri
+from mbvi.tracking.uri import (
+    DEFAULT_TRACKING_URI,
+    RESUMED_FROM_TAG,
+    TAGS_ENV,
+    resolve_tracking_uri,
+)
 
 _SQLITE = "sqlite:///"
 
@@ -32,8 +37,6 @@ except ImportError:  # Windows: no lock; start runs on a new store one at a time
     fcntl = None
 
 
-RESUMED_FROM_TAG = "mbvi.resumed_from"
-"""Tag of a run resumed from a checkpoint: the MLflow run id that wrote the checkpoint."""
 ORPHANED_TAG = "mbvi.orphaned"
 """Note on a run that a resume found RUNNING with its process gone, and ended FAILED."""
 HOST_TAG, PID_TAG = "mbvi.host", "mbvi.pid"

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from mbvi.errors import ComparisonError, TrackingError
+from mbvi.tracking.uri import RESUMED_FROM_TAG
 
 Curve = dict[int, float]
 """A metric's history: env step -> value."""
@@ -223,8 +224,6 @@ def load_runs(client, experiment: str, metric: str) -> tuple[str, list[RunData]]
             f"experiment {experiment!r} not found; existing experiments: "
             f"{', '.join(map(repr, names)) or 'none'}. Pass one with --experiment."
         )
-    from mbvi.tracking.logger import RESUMED_FROM_TAG
-
     found = client.search_runs([exp.experiment_id], max_results=50_000)
     by_id = {r.info.run_id: r for r in found if COMPARE_TAG not in r.data.tags}
     ids, skipped_ids = resume_chains(

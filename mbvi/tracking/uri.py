@@ -1,6 +1,7 @@
-"""Where runs are tracked: the store URI mbvi resolves, and the environment variable that
-carries extra run tags.  Free of Lightning and MLflow, so that ``mbvi compare`` and
-``mbvi sweep`` can read it without importing either."""
+"""Where runs are tracked and the names both sides of a store share: the store URI mbvi
+resolves, the environment variable that carries extra run tags, and the tag of a
+resumed run.  Free of Lightning and MLflow, so that ``mbvi compare`` and ``mbvi sweep``
+read them without importing either."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 from pathlib import Path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+RESUMED_FROM_TAG = "mbvi.resumed_from"
+"""Tag of a run resumed from a checkpoint: the MLflow run id that wrote the checkpoint."""
 TAGS_ENV = "MBVI_RUN_TAGS"
 """Environment variable holding a JSON object of extra run tags (``mbvi sweep`` names
 its trials with it); tags given by option win over it."""
