@@ -22,9 +22,8 @@ Names are imported on first use, so ``import mbvi.distributions`` or
 
 from __future__ import annotations
 
-import importlib
-
 from mbvi import _moved
+from mbvi._lazy import lazy_exports
 
 _moved.install()
 
@@ -56,16 +55,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mbvi' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -6,7 +6,7 @@ never log through Lightning, do not import it.
 
 from __future__ import annotations
 
-import importlib
+from mbvi._lazy import lazy_exports
 
 _EXPORTS = {
     "RESUMED_FROM_TAG": "mbvi.tracking.uri",
@@ -15,16 +15,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mbvi.tracking' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
