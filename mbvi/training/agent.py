@@ -26,14 +26,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from mbvi.errors import NonFiniteError
 from mbvi.planners.base import InferenceEngine
 from mbvi.planners.direct import Direct
 from mbvi.planners.gradient import GradientRefinement
+from mbvi.training import checks
 from mbvi.training.acting import Acting
 from mbvi.training.callbacks import DeferredInterrupt, EnvStepCheckpoint, EnvStepProgress
 from mbvi.training.checkpoints import agent_state, load_agent_state
-from mbvi.training.checks import check_components, check_schedule, kl_target_per_dim
 from mbvi.training.components import build_component, component_params, component_spec
 from mbvi.training.m_step import AlphaTarget, TDInference, check_m_step_options, m_step_losses
 from mbvi.training.metrics import RunningMeans
@@ -161,7 +160,7 @@ class VariationalAgent(Acting, L.LightningModule):
         video_every: int = 0,
     ):
         super().__init__()
-        check_schedule(locals())
+        checks.check_schedule(locals())
         check_m_step_options(alpha_target, td_inference, target_kl_per_dim)
         prior, engine, value = (build_component(c) for c in (prior, engine, value))
         self.automatic_optimization = False
@@ -184,10 +183,10 @@ class VariationalAgent(Acting, L.LightningModule):
         self.prior.set_kl_form(kl_form)
         self.engine.build(obs_dim, act_dim)
         self.value.build(obs_dim, act_dim, env=self.runner.env)
-        check_components(self.prior, self.engine, self.value)
+        checks.check_components(self.prior, self.engine, self.value)
         self.value.bind(self.prior, self.engine, lambda: self.alpha, gamma)
         self.log_alpha = torch.nn.Parameter(torch.tensor(math.log(init_alpha)))
-        self.kl_target = kl_target_per_dim(self.prior, target_kl_per_dim) * act_dim
+        self.kl_target = checks.kl_target_per_dim(self.prior, target_kl_per_dim) * act_dim
 
         self.env_steps = 0
         self.last_episode_return = float("nan")
@@ -249,9 +248,11 @@ class VariationalAgent(Acting, L.LightningModule):
             )
 
     def on_fit_start(self) -> None:
-        if self._pending_rng is not None:
-            self._restore_rng(self._pending_rng)
+        if self._pending_rng is not None:  # a resumed run
+            restore_rng_state(self._pending_rng, self._rng)
             self._pending_rng = None
+            # Env internals are not checkpointed: the resumed run starts a fresh episode.
+            self.runner.restart(self.hparams.seed + self.env_steps, self.env_steps)
         if self.logger is not None:
             # Lightning logs the agent's own hyperparameters (env_id, seed, ...).
             params = {"kl_target": self.kl_target}
@@ -263,14 +264,8 @@ class VariationalAgent(Acting, L.LightningModule):
     def on_train_end(self) -> None:
         """A model-based run logs its world model's error over the horizon as
         ``model_error_by_horizon.png``."""
-        logger = self.logger
-        errors = self._world_fit.errors
-        if errors and logger is not None and hasattr(logger, "run_id"):
-            from mbvi.tracking.figures import model_error_figure, plt
-
-            fig = model_error_figure(errors)
-            logger.experiment.log_figure(logger.run_id, fig, "model_error_by_horizon.png")
-            plt.close(fig)
+        if self.logger is not None and hasattr(self.logger, "run_id"):
+            self._world_fit.log_error_figure(self.logger.experiment, self.logger.run_id)
 
     def run_name(self) -> str:
         """``<engine>-<prior>[-H<horizon>]-seed<seed>``, e.g.
@@ -389,16 +384,7 @@ class VariationalAgent(Acting, L.LightningModule):
         parameter (networks, targets, α) is NaN or Inf: run before every checkpoint, so a
         checkpoint on disk is always one to resume from."""
         self._metrics.means(self.env_steps)
-        for name, tensor in self.state_dict().items():  # checkpoints are rare: syncs are fine
-            if (
-                torch.is_tensor(tensor)
-                and tensor.is_floating_point()
-                and not tensor.isfinite().all()
-            ):
-                raise NonFiniteError(
-                    f"parameter {name} is NaN or Inf at env step {self.env_steps}; training "
-                    "stopped and the last good checkpoint is kept. Try a lower learning rate."
-                )
+        checks.check_finite_state(self.state_dict(), self.env_steps)
 
     def _log(self, metrics: dict[str, float]) -> None:
         if self.logger is not None:
@@ -410,8 +396,3 @@ class VariationalAgent(Acting, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._pending_rng = load_agent_state(self, checkpoint["mbvi"])
-
-    def _restore_rng(self, rng: dict) -> None:
-        restore_rng_state(rng, self._rng)
-        # Env internals are not checkpointed: the resumed run starts a fresh episode.
-        self.runner.restart(self.hparams.seed + self.env_steps, self.env_steps)

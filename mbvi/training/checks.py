@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from mbvi.errors import ConfigError
+import torch
+
+from mbvi.errors import ConfigError, NonFiniteError
 from mbvi.variational.priors import Prior
 
 
@@ -79,3 +81,14 @@ def check_components(prior, engine, value) -> None:
     check_value = getattr(engine, "check_value", None)
     if check_value is not None:  # planners need a world model to plan through
         check_value(value)
+
+
+def check_finite_state(state: dict, env_steps: int) -> None:
+    """Raise ``NonFiniteError`` naming the first floating-point tensor of ``state`` (an
+    agent's state_dict) that holds a NaN or Inf."""
+    for name, tensor in state.items():  # checkpoints are rare: the host syncs are fine
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not tensor.isfinite().all():
+            raise NonFiniteError(
+                f"parameter {name} is NaN or Inf at env step {env_steps}; training "
+                "stopped and the last good checkpoint is kept. Try a lower learning rate."
+            )

@@ -61,6 +61,18 @@ class WorldFit:
             self._branch_rollouts(replay)
         return metrics
 
+    def log_error_figure(self, client, run_id: str) -> None:
+        """Log the open-loop error by horizon of every refit as the figure
+        ``model_error_by_horizon.png`` of MLflow run ``run_id``; nothing when no refit
+        measured one (a model-free value)."""
+        if not self.errors:
+            return
+        from mbvi.tracking.figures import model_error_figure, plt
+
+        fig = model_error_figure(self.errors)
+        client.log_figure(run_id, fig, "model_error_by_horizon.png")
+        plt.close(fig)
+
     def _branch_rollouts(self, replay: ReplayBuffer) -> None:
         """Add the value's branched model rollouts from replay states to ``synthetic``."""
         value = self.value
