@@ -105,16 +105,19 @@ class Draw:
 
 def propose(prior: Prior, s: torch.Tensor, n: int, posterior: Posterior | None = None) -> Draw:
     """n actions per state ``s`` [B,S] from ``posterior`` (a proposal engine's), or
-    from the prior p_θ(·|s) when None (then log q is log p, the same tensor)."""
+    from the prior p_θ(·|s) when None (then log q is the prior's density: log p plus the
+    constant that the objective's KL form drops, ``Prior.dropped_log_density``)."""
     if posterior is None:
         dist = prior.distribution(s)
         if dist is not None:
             a, u, log_q = dist.rsample_with_log_prob(n)
-        else:
-            a = prior.sample(s, n)
-            u = atanh(a)
-            log_q = prior.log_prob(s, a, u)
-        return Draw(a, u, log_q, log_q)
+            return Draw(a, u, log_q, log_q)
+        a = prior.sample(s, n)
+        u = atanh(a)
+        log_p = prior.log_prob(s, a, u)
+        # The density the actions were drawn from, whatever the KL form drops from log p
+        # (the uniform prior's entropy form reads log p = 0, its density is 2^-A).
+        return Draw(a, u, log_p + prior.dropped_log_density(), log_p)
     if isinstance(posterior, TanhGaussian):
         a, u, log_q = posterior.rsample_with_log_prob(n)
     else:

@@ -160,17 +160,19 @@ def test_kl_alpha_target_is_unchanged():
     torch.testing.assert_close(metrics["train/kl"], kl.mean())
 
 
-def test_kl_form_charges_each_living_model_step():
+@pytest.mark.parametrize("future", ["engine", "prior"])
+def test_kl_form_charges_each_living_model_step(future):
     """The model-based value reads its future KL terms through the same objective:
     the KL form sits below the entropy form by α A log 2 Σ_{t=1..H} γ^t m_t, so a
-    trajectory that terminates at once is not charged at all."""
+    trajectory that terminates at once is not charged at all.  Future actions drawn
+    from the uniform prior itself have KL 0 and entropy A log 2: the same gap."""
     alpha, horizon = 0.25, 3
     for stop_above, steps_alive in ((float("inf"), horizon), (-1e9, 0)):
         torch.manual_seed(0)
         prior = UniformPrior()
         value = ModelBasedValue(
             model=LinearWorld(stop_above=stop_above), leaf=TwinQ(hidden=(16,)),
-            horizon=horizon, propagation="expectation",
+            horizon=horizon, propagation="expectation", future=future,
         )  # fmt: skip
         value.build(S, A)
         engine = Direct(hidden=(16,))
@@ -259,3 +261,27 @@ def test_entropy_form_under_a_constant_prior_is_refused_by_the_cli(workdir, caps
     )  # fmt: skip
     assert code == 2, err[-2000:]
     assert "ConstantTanhGaussianPrior's density depends on the action" in err, err[-2000:]
+
+
+def test_prior_proposed_particles_read_the_uniform_prior_in_either_form():
+    """Particles drawn from the uniform prior itself carry the prior's true density
+    2^-A as their proposal density, so their KL term is E_π[log π] = KL(π‖U) − A log 2
+    in the entropy form and KL(π‖U) ≥ 0 in the KL form: the form changes what the
+    objective reads, never the density the particles were drawn from."""
+    from mbvi.planners import ImportanceSampling
+
+    s = torch.randn(B, S, generator=torch.Generator().manual_seed(3))
+
+    def q(s, a):  # a tilt, so that π is not the prior
+        return 2.0 * a.sum(-1)
+
+    terms = {}
+    for form in ("entropy", "kl"):
+        prior, engine = UniformPrior(), ImportanceSampling(n_particles=64)
+        prior.build(S, A), engine.build(S, A)
+        prior.set_kl_form(form)
+        torch.manual_seed(5)
+        particles = engine.infer(s, TrajectoryObjective(s, q, prior, torch.tensor(0.5)))
+        terms[form] = particles.kl_to_prior(prior, s)
+    assert (terms["kl"] > 0).all()
+    torch.testing.assert_close(terms["entropy"], terms["kl"] - A * math.log(2.0))

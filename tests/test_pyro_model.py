@@ -29,8 +29,15 @@ class NetworkPrior(Prior):
         return TanhGaussian(*self.net(s))
 
 
+def _uniform_in_entropy_form():
+    prior = UniformPrior()
+    prior.set_kl_form("entropy")  # the agent's default for the uniform prior
+    return prior
+
+
 PRIORS = {
     "uniform": UniformPrior,
+    "uniform_entropy_form": _uniform_in_entropy_form,
     "tanh_gaussian": lambda: ConstantTanhGaussianPrior(0.2, 0.7),
     "network": NetworkPrior,
     "learned": lambda: LearnedPrior(hidden=(8,)),  # the E-step sees its target copy

@@ -7,7 +7,10 @@ guide π(τ|O) = Π_t p_env(s_{t+1}|s_t,a_t) π(a_t|s_t,O) (Eq. 5)
 
     α · ELBO = E_π[ Σ_t γ^t (r_t − α log π(a_t|s_t,O)/p_θ(a_t|s_t)) + γ^H Q̂(s_H,a_H) ]
 
-which is J of Eq. 6-7 truncated at H with a leaf value; H=0 is Eq. 16.  The model is
+which is J of Eq. 6-7 truncated at H with a leaf value; H=0 is Eq. 16.  Under a prior
+in the entropy form (``Prior.set_kl_form``) each step also adds
+``pyro.factor("dropped_t", −Prior.dropped_log_density())``, so that the model's prior
+density is the one that form reads.  The model is
 vectorised over B states (plate dim -2) and N particles (plate dim -1), and
 ``OptimalityModel.elbo`` averages over particles, so α·ELBO = Σ_b J̃(s_b).
 ``mbvi.pyro.native_objective`` computes the same estimate in plain torch.
@@ -39,6 +42,9 @@ from mbvi.variational.distributions import TanhGaussian
 from mbvi.variational.objectives import ValueFn
 from mbvi.variational.priors import Prior
 from mbvi.variational.rollouts import per_particle
+
+DROPPED = "dropped"
+"""Factor site (renamed ``dropped_t``) of the constant log-density a KL form drops."""
 
 Dynamics = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """s_{t+1} = f(s_t [B,N,S], a_t [B,N,A]) -> [B,N,S]; deterministic, or a Pyro program."""
@@ -115,7 +121,14 @@ class OptimalityModel:
         if isinstance(prior, ProgramPrior):
             prior, name = prior.pyro_program, repr(prior.program)
         if isinstance(prior, Prior):
-            return pyro.sample(ACTION, prior_distribution(prior, s, b, a_dim))
+            a = pyro.sample(ACTION, prior_distribution(prior, s, b, a_dim))
+            dropped = prior.dropped_log_density()
+            if dropped:
+                # The entropy form reads log p − dropped (log π rather than log π/p for
+                # the uniform prior): the same unnormalised density here, so that α·ELBO
+                # stays the objective the agent optimises in either form.
+                pyro.factor(DROPPED, s.new_full((b, n), -dropped))
+            return a
         s = s.unsqueeze(1) if s.dim() == 2 else s
         return run_prior_program(prior, s, step, name, (b, n, a_dim))
 

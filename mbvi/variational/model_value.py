@@ -33,7 +33,7 @@ class ModelBasedValue(ValueEstimate):
             ``TwinQ()``.
         horizon: H model steps (0 is the leaf critic alone).
         future: where actions a_1..a_H come from: ``engine`` (the current posterior,
-            inferred against the leaf critic) or ``prior`` (then KL_t = 0).
+            inferred against the leaf critic) or ``prior`` (then KL_t = 0 in the KL form).
         propagation: ``ts1`` (one random elite per particle and step, sampled),
             ``mean`` or ``expectation`` (see ``mbvi.variational.world_model``).
         lam: λ of the λ-return over horizons 1..H (1 uses the H-step return only).

@@ -38,8 +38,10 @@ class Rollout:
         states: s_0..s_H, ``[H+1,B,N,S]``.
         actions: a_0..a_H, ``[H+1,B,N,A]`` (a_H is the leaf's action).
         rewards: r_0..r_{H-1}, ``[H,B,N]``.
-        kl: KL_t of the step-t policy to the prior, ``[H+1,B,N]``; KL_0 = 0 (a_0 is
-            given), and 0 at every step whose action comes from the prior itself.
+        kl: KL_t of the step-t policy to the prior in the objective's KL form,
+            ``[H+1,B,N]``; KL_0 = 0 (a_0 is given), and at a step whose action comes
+            from the prior itself KL(p‖p) = 0 plus the constant the form drops
+            (``Prior.dropped_log_density``: −A log 2 for the uniform prior's entropy form).
         alive: probability that no termination came before step t, ``[H+1,B,N]``.
     """
 
@@ -67,7 +69,8 @@ def rollout(
     Args:
         step: one transition, ``step(s [M,S], a [M,A], propagation) -> Step``.
         horizon: H >= 0 model steps.
-        prior: p_θ; future actions come from it when ``policy`` is None (then KL_t = 0).
+        prior: p_θ; future actions come from it when ``policy`` is None (then KL_t is
+            0 in the KL form).
         policy: π(·|s_t) for t >= 1, reparameterised so gradients flow from a_0
             through the states into later actions; KL_t is closed-form where both are
             tanh-Gaussians, else log π(a_t)/p(a_t) of the sample.
@@ -110,7 +113,11 @@ def _next_action(
     b, n, _ = s.shape
     rows = s.reshape(b * n, -1)
     if policy is None:
-        return prior.sample(rows, 1).reshape(b, n, -1), s.new_zeros(b, n)
+        # KL(p‖p) = 0, read in the objective's form: the uniform prior's entropy form
+        # credits its entropy A log 2 (the term is E_p[log p]).
+        return prior.sample(rows, 1).reshape(b, n, -1), s.new_full(
+            (b, n), prior.dropped_log_density()
+        )
     posterior = policy(rows)
     a = posterior.sample(1)  # [M,1,A]
     kl = policy_kl(posterior, prior, rows, a)
