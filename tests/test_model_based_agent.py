@@ -147,3 +147,19 @@ def test_a_model_fitted_to_shuffled_targets_fails_the_same_threshold(workdir, mo
     client, (run,) = _runs(workdir)
     (final,) = client.get_metric_history(run.info.run_id, "eval/return")
     assert final.value < MB_THRESHOLD
+
+
+def test_the_world_models_fit_follows_the_run_seed():
+    """Bootstrap resamples and the hold-out split are seeded by the run's seed, so the
+    seeds of a sweep are independent in the model's fit too, not only in the networks."""
+    from mbvi.planners import Direct
+    from mbvi.training.agent import VariationalAgent
+    from mbvi.variational.model_value import ModelBasedValue
+    from mbvi.variational.values import TwinQ
+
+    seeds = {}
+    for seed in (0, 3):
+        value = ModelBasedValue(horizon=1, leaf=TwinQ(hidden=(8,)))
+        agent = VariationalAgent(engine=Direct(hidden=(8,)), value=value, seed=seed)
+        seeds[seed] = agent.value._fitter().seed
+    assert seeds == {0: 0, 3: 3}

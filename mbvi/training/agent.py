@@ -182,6 +182,7 @@ class VariationalAgent(Acting, L.LightningModule):
         self.prior.build(obs_dim, act_dim)
         self.prior.set_kl_form(kl_form)
         self.engine.build(obs_dim, act_dim)
+        self.value.model_seed = seed
         self.value.build(obs_dim, act_dim, env=self.runner.env)
         checks.check_components(self.prior, self.engine, self.value)
         self.value.bind(self.prior, self.engine, lambda: self.alpha, gamma)

@@ -206,6 +206,7 @@ class ModelBasedValue(ValueEstimate):
                 holdout_fraction=self.model_holdout,
                 max_epochs=self.model_epochs,
                 patience=self.model_patience,
+                seed=self.model_seed,
             )
             object.__setattr__(self, "_fitter_module", fitter)
             pending = self.__dict__.pop("_pending_optimizer", None)

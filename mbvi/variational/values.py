@@ -33,6 +33,9 @@ class ValueEstimate(nn.Module):
     """H, the model steps inside Q̂ (0 for a model-free critic)."""
     synthetic_ratio: float = 0.0
     """Share of each update's batch drawn from model-generated transitions."""
+    model_seed: int = 0
+    """Seeds ``update_model``'s own random draws (a world model's bootstrap resamples and
+    hold-out split); the agent sets it to the run's seed before ``build``."""
 
     def build(self, obs_dim: int, act_dim: int, env=None) -> None:
         """Create parameters for the env's sizes; ``env`` (a Gymnasium env, optional)
