@@ -301,7 +301,8 @@ def particle_metrics(
     try:
         kl = posterior.kl_to_prior(objective.prior, s)
     except NotImplementedError:
-        kl = policy_kl(fitted, objective.prior, s, fitted.sample(n_samples), objective.prior_dist)
+        a, u = fitted.rsample(n_samples)
+        kl = policy_kl(fitted, objective.prior, s, a, objective.prior_dist, u)
     return {
         "kl": kl,
         "loc": fitted.loc,

@@ -136,3 +136,29 @@ def test_objective_gradient_matches_finite_differences():
         d[0, i] = eps
         fd = (j(loc.detach() + d) - j(loc.detach() - d)) / (2 * eps)
         assert grad[0, i].item() == pytest.approx(fd.item(), rel=1e-5, abs=1e-8)
+
+
+def test_sample_kl_of_a_saturated_posterior_reads_its_pre_tanh_samples():
+    """A model rollout's future actions from a posterior far past the tanh's knee round
+    to ±1 in float32; their KL to the uniform prior is read at u itself, and matches
+    the same samples' KL computed in float64 with torch.distributions."""
+    from torch.distributions import Normal
+    from torch.distributions.transforms import TanhTransform
+
+    from mbvi.variational.rollouts import _next_action
+
+    torch.manual_seed(0)
+    loc, log_scale = torch.full((4, 2), 12.0), torch.zeros(4, 2)
+    prior = UniformPrior()
+    prior.build(3, 2)
+    posterior = TanhGaussian(loc, log_scale)
+    torch.manual_seed(1)
+    a, kl = _next_action(torch.zeros(4, 1, 3), prior, lambda rows: posterior)
+    assert (a.abs() == 1.0).float().mean() > 0.5  # saturated in float32
+    torch.manual_seed(1)
+    _, u = posterior.rsample(1)
+    u = u.double()
+    log_pi = Normal(loc.double()[:, None], 1.0).log_prob(u)
+    log_pi = (log_pi - TanhTransform().log_abs_det_jacobian(u, torch.tanh(u))).sum(-1)
+    expected = log_pi + 2 * math.log(2.0)  # − log p = A log 2
+    torch.testing.assert_close(kl.double(), expected, rtol=1e-4, atol=1e-3)

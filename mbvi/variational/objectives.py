@@ -98,12 +98,15 @@ def policy_kl(
     s: torch.Tensor,
     a: torch.Tensor,
     prior_dist: TanhGaussian | None = None,
+    u: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(π(·|s) ‖ p_θ(·|s)) per state ``[B]``: in closed form when both are
     tanh-Gaussians; for weighted particles, their own estimate (from the proposal's
     density), or, for particles that carry none (resampled or moved), the KL of their
     moment-matched tanh-Gaussian; else the mean over the samples ``a`` [B,N,A] of
-    log π(a) − log p(a)."""
+    log π(a) − log p(a).  ``u`` = atanh(a) [B,N,A], when the samples of a tanh-Gaussian
+    ``posterior`` come with it: their densities are then read at u itself, exact where
+    a saturates to ±1 in floating point and atanh(a) would have to be clamped."""
     if prior_dist is None:
         prior_dist = prior.distribution(s)
     if hasattr(posterior, "kl_to_prior"):  # weighted particles
@@ -111,14 +114,17 @@ def policy_kl(
             return posterior.kl_to_prior(prior, s)
         except NotImplementedError:
             posterior = posterior.moment_match()
-            a = posterior.sample(a.shape[-2])
+            a, u = posterior.rsample(a.shape[-2])
     if prior_dist is not None:
         try:
             return posterior.kl(prior_dist)
         except NotImplementedError:
             pass
-    log_p = prior.log_prob(s, a, atanh(a))
-    return (posterior.log_prob(a) - log_p).mean(-1)
+    if u is None:
+        u, log_pi = atanh(a), posterior.log_prob(a)
+    else:
+        log_pi = posterior.log_prob_u(u)
+    return (log_pi - prior.log_prob(s, a, u)).mean(-1)
 
 
 def alpha_loss(log_alpha: torch.Tensor, kl: torch.Tensor, kl_target: float) -> torch.Tensor:

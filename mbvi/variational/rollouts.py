@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mbvi.variational.distributions import Posterior
+from mbvi.variational.distributions import Posterior, TanhGaussian
 from mbvi.variational.objectives import policy_kl
 from mbvi.variational.priors import Prior
 from mbvi.variational.world_model import Propagation
@@ -119,8 +119,11 @@ def _next_action(
             (b, n), prior.dropped_log_density()
         )
     posterior = policy(rows)
-    a = posterior.sample(1)  # [M,1,A]
-    kl = policy_kl(posterior, prior, rows, a)
+    if isinstance(posterior, TanhGaussian):
+        a, u = posterior.rsample(1)  # [M,1,A]
+    else:
+        a, u = posterior.sample(1), None
+    kl = policy_kl(posterior, prior, rows, a, u=u)
     return a.reshape(b, n, -1), kl.reshape(b, n)
 
 
