@@ -255,6 +255,8 @@ def test_ctrl_c_writes_a_checkpoint_and_marks_the_run_killed(workdir, sig):
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
+    # A stopped run is no success: 1 after Ctrl-C, 143 (128 + SIGTERM) after SIGTERM.
+    assert proc.returncode == (1 if sig == signal.SIGINT else 143), out[-2000:]
     _, found = runs(workdir)
     assert found[0].info.status == "KILLED", out[-2000:]
     ckpt = workdir / "checkpoints" / found[0].info.run_id / "last.ckpt"

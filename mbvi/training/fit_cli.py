@@ -7,8 +7,12 @@ and ``mbvi sweep`` start without importing Lightning and the agent.
 
 from __future__ import annotations
 
+import signal
+import sys
+
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mbvi.tracking.logger import MLflowTracker
 from mbvi.training.agent import VariationalAgent
@@ -68,12 +72,18 @@ class MbviCLI(LightningCLI):
 
 
 def fit(args: list[str] | None) -> None:
-    """``mbvi fit ...`` (and LightningCLI's other subcommands) on ``args``."""
-    MbviCLI(
-        VariationalAgent,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_callback=MLflowSaveConfig,
-        seed_everything_default=False,  # the agent seeds itself from --model.seed
-        auto_configure_optimizers=False,
-        args=args,
-    )
+    """``mbvi fit ...`` (and LightningCLI's other subcommands) on ``args``.  A run
+    stopped by SIGTERM exits with 143 (128 + SIGTERM), as a killed process does, once its
+    checkpoint is written: Lightning's SystemExit would exit 0, and a scheduler or a
+    sweep would count the stopped run as done."""
+    try:
+        MbviCLI(
+            VariationalAgent,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_callback=MLflowSaveConfig,
+            seed_everything_default=False,  # the agent seeds itself from --model.seed
+            auto_configure_optimizers=False,
+            args=args,
+        )
+    except SIGTERMException:
+        sys.exit(128 + signal.SIGTERM)
