@@ -12,6 +12,7 @@ from mbvi.tracking.compare import (
     format_settings,
     format_table,
     mean_std,
+    row_warnings,
     summarize,
     truncate,
 )
@@ -170,6 +171,20 @@ def test_settings_that_differ_between_rows_are_named_beside_the_design_choices()
 def test_duplicate_seeds_are_reported():
     row = GroupSummary(DIRECT, ["0", "0", "1"], ["a", "b", "c"], 0.0, 0.0, 1, 1.0, 1.0)
     assert duplicate_seeds(row) == ["0"]
+
+
+def test_runs_of_one_row_that_end_at_different_steps_are_named_with_the_fix():
+    runs = [
+        run_data(DIRECT, "0", {100: 0.0, 500: 1.0}),
+        run_data(DIRECT, "1", {100: 0.0, 500: 1.0, 3400: 9.0}),
+        run_data(ITERATIVE, "0", {100: 0.0, 500: 1.0}),
+    ]
+    groups = {DIRECT: runs[:2], ITERATIVE: runs[2:]}
+    (warning,) = row_warnings(summarize(runs), groups)
+    assert warning.startswith("Direct · UniformPrior · TwinQ (Pendulum-v1): its runs end at")
+    assert "different env steps (500, 3400)" in warning and "--at-step 500" in warning
+    cut = truncate(runs, 500)
+    assert row_warnings(summarize(cut), {DIRECT: cut[:2], ITERATIVE: cut[2:]}) == []
 
 
 def test_help_names_the_statistics(capsys):

@@ -9,7 +9,8 @@ a run resumed from a checkpoint (tag ``mbvi.resumed_from``) is joined with the r
 continues, finished or not, into one sample (one curve, their wall-clocks added); a
 FAILED, KILLED or RUNNING run that no finished run continues is skipped and named.
 A warning names any other setting that differs within a group (seed, budget and
-bookkeeping aside).
+bookkeeping aside), and a group whose runs end at different env steps (``--at-step``
+compares them at equal steps).
 A table row per group: the seeds; the final metric (each run's value at its last logged
 step), mean ± std over seeds (population std, 0 for one seed); its interquartile mean
 (IQM) with a 95% stratified-bootstrap confidence interval (``mbvi.tracking.stats``, by
@@ -284,21 +285,31 @@ def log_comparison(client, experiment_id, metric, files, text, rows, at_step=Non
     return rid
 
 
-def _warn_within_rows(rows: Sequence[GroupSummary], groups: dict[Group, list[RunData]]) -> None:
+def row_warnings(rows: Sequence[GroupSummary], groups: dict[Group, list[RunData]]) -> list[str]:
+    """What a row's own runs do not share: other settings, the env step their curves end
+    at (each run's final value is read at its own last step), a seed twice."""
+    out = []
     for row in rows:
-        if mixed := mixed_settings(groups[row.group]):
+        members, name = groups[row.group], label(row.group)
+        if mixed := mixed_settings(members):
             differences = "; ".join(f"{k}: {', '.join(v)}" for k, v in mixed.items())
-            print(
-                f"mbvi compare: {label(row.group)}: its runs differ in {differences}; the "
-                "row averages over them (compare such runs in separate experiments)",
-                file=sys.stderr,
+            out.append(
+                f"{name}: its runs differ in {differences}; the row averages over them "
+                "(compare such runs in separate experiments)"
+            )
+        ends = sorted({max(r.curve) for r in members})
+        if len(ends) > 1:
+            out.append(
+                f"{name}: its runs end at different env steps ({', '.join(map(str, ends))}); "
+                "each run's final value is read at its own last step and the row shows the "
+                f"smallest; pass --at-step {ends[0]} to compare them at equal steps"
             )
         if dup := duplicate_seeds(row):
-            print(
-                f"mbvi compare: {label(row.group)}: seed(s) {', '.join(dup)} appear in more "
-                "than one run; each run counts as one sample",
-                file=sys.stderr,
+            out.append(
+                f"{name}: seed(s) {', '.join(dup)} appear in more than one run; each run "
+                "counts as one sample"
             )
+    return out
 
 
 def compare(
@@ -325,7 +336,8 @@ def compare(
                                     format_settings(settings_between_rows(groups))]))  # fmt: skip
     table = "\n\n".join(filter(None, [format_table(rows, metric), notes]))
     print(table)
-    _warn_within_rows(rows, groups)
+    for warning in row_warnings(rows, groups):
+        print(f"mbvi compare: {warning}", file=sys.stderr)
     from mbvi.tracking import figures  # matplotlib only when plotting
 
     out = Path(output)
