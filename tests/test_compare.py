@@ -211,6 +211,15 @@ def test_a_run_without_the_metric_is_named(store_copy, tmp_path, capsys):
     assert not (tmp_path / "tiny_returns.png").exists()
 
 
+def test_a_metric_no_run_logged_lists_the_metrics_they_did(store, tmp_path, capsys):
+    uri = f"sqlite:///{store}/mlflow.db"
+    assert compare_main(uri, tmp_path, "--metric", "eval/retrun") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no finished run of experiment 'tiny' logged the metric 'eval/retrun'" in err
+    assert "eval/return" in err.split("the metrics they logged:")[1]
+    assert "Delete" not in err and not list(tmp_path.glob("*.png"))
+
+
 def test_unfinished_runs_are_skipped(store_copy, tmp_path, capsys):
     uri, client, exp_id = store_copy
     client.create_run(exp_id, run_name="still-running")

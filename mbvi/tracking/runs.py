@@ -237,6 +237,13 @@ def load_runs(client, experiment: str, metric: str) -> tuple[str, list[RunData]]
         print(f"mbvi compare: skipping unfinished runs: {', '.join(skipped)}", file=sys.stderr)
     if not chains:
         raise ComparisonError(f"experiment {experiment!r} has no finished runs to compare.")
+    if not any(metric in r.data.metrics for chain in chains for r in chain):
+        logged = sorted({k for chain in chains for r in chain for k in r.data.metrics})
+        raise ComparisonError(
+            f"no finished run of experiment {experiment!r} logged the metric {metric!r}; "
+            f"the metrics they logged: {', '.join(logged) or 'none'}. Pass one of them "
+            "with --metric (the default is eval/return)."
+        )
     problems = []
     for chain in chains:
         r = chain[-1]
