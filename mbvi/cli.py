@@ -20,10 +20,42 @@ import warnings
 
 from mbvi.errors import MbviError
 
+COMMANDS = {
+    "fit": "train an agent (a prior, an inference engine, a value estimate) on an env",
+    "compare": "a table and learning curves of an MLflow experiment's runs",
+    "sweep": "configs × grid overrides × seeds as `mbvi fit` trials on Ray",
+    "table": "fill the paper's Table 1 (prior × posterior × value) with measured runs",
+    "render": "record an episode of a checkpoint's agent as an MP4",
+    "fit-model": "train a dynamics ensemble alone on saved transitions (.npz or a checkpoint)",
+    "export-transitions": "write an agent checkpoint's replay buffer as an .npz for fit-model",
+    "convert-checkpoint": "rewrite a trusted older checkpoint for weights-only loading",
+}
+"""Every subcommand, with the line ``mbvi --help`` shows for it."""
+
+
+def usage() -> str:
+    """``mbvi --help``: the subcommands, each with its own ``--help``."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()]
+    return "\n".join(
+        ["usage: mbvi COMMAND [options]   (mbvi COMMAND --help for its options)", "",
+         "commands:", *lines]
+    )  # fmt: skip
+
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``mbvi`` console script."""
     argv = sys.argv[1:] if args is None else args
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        sys.exit(0 if argv else 2)
+    if argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else "."
+        print(f"mbvi: error: unknown command {argv[0]!r}{hint}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
     if argv and argv[0] == "compare":  # table and plots from MLflow, not a LightningCLI command
         from mbvi.tracking.compare import main as compare_main
 

@@ -304,3 +304,17 @@ def test_compare_and_sweep_start_without_torch_or_lightning():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_help_lists_every_command_and_a_typo_gets_the_closest(workdir):
+    """``mbvi --help`` names every subcommand (not LightningCLI's ``fit`` alone), and an
+    unknown one is refused with the nearest name, through the console script."""
+    done = subprocess.run([MBVI, "--help"], cwd=workdir, capture_output=True, text=True)
+    assert done.returncode == 0
+    for name in ("fit", "compare", "sweep", "table", "render", "fit-model",
+                 "export-transitions", "convert-checkpoint"):  # fmt: skip
+        assert f"\n  {name} " in done.stdout, name
+    done = subprocess.run([MBVI, "comapre"], cwd=workdir, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.startswith("mbvi: error: unknown command 'comapre'; did you mean 'compare'?")
+    assert not list(workdir.iterdir())  # nothing started, nothing written
