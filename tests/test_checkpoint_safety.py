@@ -234,3 +234,14 @@ def test_nothing_loads_a_checkpoint_past_the_safe_loader():
             ):
                 offenders.append(str(rel))
     assert offenders == []
+
+
+def test_a_folder_passed_as_a_checkpoint_names_the_checkpoints_inside(tmp_path):
+    from mbvi.training.safe_load import missing_file
+
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "run1" / "last.ckpt").write_bytes(b"")
+    assert missing_file(tmp_path / "nowhere.ckpt") == "does not exist"
+    assert missing_file(tmp_path) == (
+        "is a folder, not a checkpoint file (checkpoints in it: run1/last.ckpt)"
+    )

@@ -166,6 +166,8 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
             "cannot use the MLflow tracking URI 'sqlite:////dev/null/m.db'",
         ),
         (["--ckpt_path", "nowhere/last.ckpt"], "checkpoint 'nowhere/last.ckpt' does not exist"),
+        (["--ckpt_path", "."], "checkpoint '.' is a folder, not a checkpoint file"),
+        (["--model.seed", "-1"], "seed must be in [0, 2**32), got -1"),
         (  # a component's own check, raised while jsonargparse builds it
             ["--model.engine", "mbvi.planners.Iterative", "--model.engine.iterations", "0"],
             "Iterative: iterations must be >= 1, got 0",

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mbvi.errors import CheckpointError
-from mbvi.training.safe_load import load_checkpoint
+from mbvi.training.safe_load import load_checkpoint, missing_file
 
 
 def validate_checkpoint(path: str | Path, agent) -> dict:
@@ -20,8 +20,9 @@ def validate_checkpoint(path: str | Path, agent) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
-            f"checkpoint {str(path)!r} does not exist. Pass the path of a .ckpt file written by "
-            "a previous run (checkpoints/<run_id>/last.ckpt, or the run's MLflow artifacts)."
+            f"checkpoint {str(path)!r} {missing_file(path)}. Pass the path of a .ckpt file "
+            "written by a previous run (checkpoints/<run_id>/last.ckpt, or the run's MLflow "
+            "artifacts)."
         )
     # mmap: the replay buffer is read from disk only if the checks pass
     unreadable = "it is corrupt or truncated. Resume from an earlier checkpoint of the run."
@@ -86,7 +87,7 @@ def load_agent(path: str | Path, map_location: str | None = "cpu"):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
-            f"checkpoint {str(path)!r} does not exist; pass an agent checkpoint "
+            f"checkpoint {str(path)!r} {missing_file(path)}; pass an agent checkpoint "
             "(checkpoints/<run_id>/last.ckpt)"
         )
     ckpt = load_checkpoint(path, mmap=True)

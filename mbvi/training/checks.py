@@ -23,6 +23,8 @@ def check_schedule(args: dict) -> None:
     for name in ("gap_every", "progress_refresh_s"):
         if args[name] < 0:
             raise ConfigError(f"{name} must be >= 0 (0 turns it off), got {args[name]}")
+    if not 0 <= args["seed"] < 2**32:  # what numpy and torch can be seeded with
+        raise ConfigError(f"seed must be in [0, 2**32), got {args['seed']}")
     if args["gap_states"] < 1:
         raise ConfigError(f"gap_states must be >= 1, got {args['gap_states']}")
     if args["init_alpha"] <= 0:

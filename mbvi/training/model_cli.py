@@ -29,7 +29,7 @@ from mbvi.errors import CheckpointError, ConfigError
 from mbvi.models.dynamics import DynamicsEnsemble
 from mbvi.models.dynamics_module import DynamicsModule
 from mbvi.tracking.logger import MLflowTracker
-from mbvi.training.safe_load import load_checkpoint, require_weights_only
+from mbvi.training.safe_load import load_checkpoint, missing_file, require_weights_only
 from mbvi.training.transitions import TransitionsDataModule
 
 SPEC_KEY = "mbvi_model"
@@ -83,7 +83,7 @@ def read_model_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tenso
     where = f"model checkpoint {str(path)!r}"
     if not path.is_file():
         raise CheckpointError(
-            f"{where} does not exist; pass a checkpoint written by `mbvi fit-model` "
+            f"{where} {missing_file(Path(path))}; pass a checkpoint written by `mbvi fit-model` "
             "(checkpoints/models/<run_id>/best.ckpt)"
         )
     ckpt = load_checkpoint(path, where)

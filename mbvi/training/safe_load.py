@@ -32,6 +32,16 @@ from mbvi.errors import CheckpointError, ConfigError, MbviError
 CONVERT_COMMAND = "mbvi convert-checkpoint --trust"
 
 
+def missing_file(path: Path) -> str:
+    """Why ``path`` is no checkpoint file, for an error message: "does not exist", or
+    for a folder "is a folder, not a checkpoint file", with the checkpoints inside it."""
+    if not path.is_dir():
+        return "does not exist"
+    found = sorted(str(p.relative_to(path)) for p in path.rglob("*.ckpt"))
+    inside = f" (checkpoints in it: {', '.join(found[:3])}{', …' if len(found) > 3 else ''})"
+    return "is a folder, not a checkpoint file" + (inside if found else "")
+
+
 def load_checkpoint(
     path: str | Path,
     where: str | None = None,
@@ -124,7 +134,7 @@ def convert_checkpoint(old: str | Path, new: str | Path) -> None:
     or ``old`` holds an object with no plain form (named by its key)."""
     old, new = Path(old), Path(new)
     if not old.is_file():
-        raise CheckpointError(f"checkpoint {str(old)!r} does not exist")
+        raise CheckpointError(f"checkpoint {str(old)!r} {missing_file(old)}")
     if new.exists():
         raise CheckpointError(
             f"{str(new)!r} exists; pass a new path for the converted checkpoint (the original "

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from mbvi.errors import MbviError
-from mbvi.training.safe_load import load_checkpoint
+from mbvi.training.safe_load import load_checkpoint, missing_file
 
 FIELDS = ("obs", "act", "rew", "next_obs", "term")
 _ACTION_TOLERANCE = 1e-5  # float32 rounding of a mapped bound action
@@ -194,7 +194,8 @@ def transitions_from_checkpoint(
     where = f"checkpoint {str(path)!r}"
     if not path.is_file():
         raise TransitionsError(
-            f"{where} does not exist; pass an agent checkpoint (checkpoints/<run_id>/last.ckpt)"
+            f"{where} {missing_file(path)}; pass an agent checkpoint "
+            "(checkpoints/<run_id>/last.ckpt)"
         )
     ckpt = load_checkpoint(path, where, TransitionsError, "it is not a checkpoint or is truncated")
     state = ckpt.get("mbvi") if isinstance(ckpt, dict) else None

@@ -317,12 +317,12 @@ def agent_from_checkpoint(path: str | Path):
     from mbvi.errors import CheckpointError
     from mbvi.training.agent import VariationalAgent
     from mbvi.training.checkpoints import check_engine_format
-    from mbvi.training.safe_load import load_checkpoint
+    from mbvi.training.safe_load import load_checkpoint, missing_file
 
     where = f"checkpoint {str(path)!r}"
     if not Path(path).is_file():
         raise CheckpointError(
-            f"{where} does not exist; pass the .ckpt of an `mbvi fit` run "
+            f"{where} {missing_file(Path(path))}; pass the .ckpt of an `mbvi fit` run "
             "(checkpoints/<run_id>/last.ckpt, or the run's MLflow artifacts)."
         )
     ckpt = load_checkpoint(path, where)
