@@ -5,8 +5,10 @@ Runs that train go through the installed ``mbvi`` in a subprocess; checks that f
 before training call the same entry point, ``mbvi.cli.main``, in this process.
 """
 
+import signal
 import subprocess
 import sys
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -363,3 +365,31 @@ def test_a_fitted_model_starts_an_agents_world_model_and_serves_as_pyro_dynamics
     states = torch.zeros(3, 3)
     guide = model.guide(policy=agent.engine.infer)
     assert torch.isfinite(model.elbo(guide, states))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stopped_fit_keeps_its_checkpoints_and_ends_killed(tmp_path, sig):
+    """Ctrl-C or SIGTERM during a fit: the run ends KILLED (resumable), not FAILED, its
+    checkpoints so far are uploaded, and the exit status says it was stopped."""
+    np.savez(tmp_path / "pendulum.npz", **random_transitions("Pendulum-v1", 600))
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    proc = subprocess.Popen(
+        [MBVI, "fit-model", "--config", PENDULUM, "--config", "tiny.yaml",
+         "--data.path", "pendulum.npz", "--model.max_epochs", "100000",
+         "--model.patience", "100000"],
+        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and not list(tmp_path.glob("checkpoints/models/*/last.ckpt")):
+            time.sleep(0.5)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == (1 if sig == signal.SIGINT else 143), out[-2000:]
+    client, run = only_run(tmp_path)
+    assert run.info.status == "KILLED", out[-2000:]
+    uploaded = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert "checkpoints/last.ckpt" in uploaded and "checkpoints/best.ckpt" in uploaded
+    assert "interrupted in epoch" in out and "checkpoints kept:" in out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from contextlib import contextmanager
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
@@ -71,12 +72,20 @@ class MbviCLI(LightningCLI):
                 logger.continue_run(saved["run_id"], saved["env_steps"])
 
 
-def fit(args: list[str] | None) -> None:
-    """``mbvi fit ...`` (and LightningCLI's other subcommands) on ``args``.  A run
-    stopped by SIGTERM exits with 143 (128 + SIGTERM), as a killed process does, once its
-    checkpoint is written: Lightning's SystemExit would exit 0, and a scheduler or a
-    sweep would count the stopped run as done."""
+@contextmanager
+def stopped_by_sigterm_exits_143():
+    """A LightningCLI run stopped by SIGTERM exits with 143 (128 + SIGTERM), as a killed
+    process does, once its checkpoint is written: Lightning's SystemExit would exit 0,
+    and a scheduler or a sweep would count the stopped run as done."""
     try:
+        yield
+    except SIGTERMException:
+        sys.exit(128 + signal.SIGTERM)
+
+
+def fit(args: list[str] | None) -> None:
+    """``mbvi fit ...`` (and LightningCLI's other subcommands) on ``args``."""
+    with stopped_by_sigterm_exits_143():
         MbviCLI(
             VariationalAgent,
             trainer_defaults=TRAINER_DEFAULTS,
@@ -85,5 +94,3 @@ def fit(args: list[str] | None) -> None:
             auto_configure_optimizers=False,
             args=args,
         )
-    except SIGTERMException:
-        sys.exit(128 + signal.SIGTERM)

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mbvi.errors import CheckpointError, ConfigError
 from mbvi.models.dynamics import DynamicsEnsemble
@@ -179,17 +180,33 @@ class _RecordModel(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint[SPEC_KEY] = dynamics_spec(pl_module.model, self.env_id)
 
-    def on_fit_end(self, trainer, pl_module) -> None:
-        saver = trainer.checkpoint_callback
-        if saver is None:
-            return
-        logger = trainer.logger
-        for path in {saver.best_model_path, saver.last_model_path} - {""}:
-            if isinstance(logger, MLflowTracker):
+    def _upload(self, trainer) -> list[str]:
+        saver, logger = trainer.checkpoint_callback, trainer.logger
+        paths = [] if saver is None else sorted(
+            p for p in {saver.best_model_path, saver.last_model_path} - {""} if Path(p).is_file()
+        )  # fmt: skip
+        if isinstance(logger, MLflowTracker):
+            for path in paths:
                 logger.experiment.log_artifact(logger.run_id, path, "checkpoints")
-        if saver.best_model_path:
+        return paths
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._upload(trainer)
+        saver = trainer.checkpoint_callback
+        if saver is not None and saver.best_model_path:
             print(f"best model (model/holdout_nll {float(saver.best_model_score):.4f}): "
                   f"{saver.best_model_path}")  # fmt: skip
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Ctrl-C or SIGTERM stop a healthy fit: the checkpoints of its finished epochs
+        # are kept and uploaded, and the run ends KILLED (resumable), as `mbvi fit`'s.
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            return
+        paths = self._upload(trainer)
+        if hasattr(trainer.logger, "mark_killed"):
+            trainer.logger.mark_killed()
+        kept = f"checkpoints kept: {', '.join(paths)}" if paths else "no checkpoint yet"
+        print(f"\ninterrupted in epoch {trainer.current_epoch}; {kept}", file=sys.stderr)
 
 
 class ModelCLI(LightningCLI):
@@ -274,19 +291,20 @@ class ModelCLI(LightningCLI):
 
 def main(argv: list[str]) -> None:
     """``mbvi fit-model ARGS``: LightningCLI's ``fit`` with ``ARGS``."""
-    from mbvi.training.fit_cli import MLflowSaveConfig
+    from mbvi.training.fit_cli import MLflowSaveConfig, stopped_by_sigterm_exits_143
 
     # `mbvi fit-model ARGS` runs as `fit ARGS`, which LightningCLI warns differs from argv
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-    ModelCLI(
-        DynamicsModule,
-        TransitionsDataModule,
-        trainer_defaults=MODEL_TRAINER_DEFAULTS,
-        save_config_callback=MLflowSaveConfig,
-        seed_everything_default=False,  # the data module's seed draws the weights
-        args=["fit", *argv],
-    )
+    with stopped_by_sigterm_exits_143():
+        ModelCLI(
+            DynamicsModule,
+            TransitionsDataModule,
+            trainer_defaults=MODEL_TRAINER_DEFAULTS,
+            save_config_callback=MLflowSaveConfig,
+            seed_everything_default=False,  # the data module's seed draws the weights
+            args=["fit", *argv],
+        )
 
 
 if __name__ == "__main__":
