@@ -265,6 +265,8 @@ def test_ctrl_c_writes_a_checkpoint_and_marks_the_run_killed(workdir, sig):
     state = torch.load(ckpt, weights_only=True)
     assert state["mbvi"]["env_steps"] >= 50
     assert f"interrupted at env step {state['mbvi']['env_steps']}" in out
+    if sig == signal.SIGINT:  # the first Ctrl-C says the stop is coming
+        assert "mbvi: stopping after this batch" in out
 
 
 def test_a_checkpoint_loads_as_the_trained_agent(trained):

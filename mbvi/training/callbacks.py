@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -122,7 +123,8 @@ class DeferredInterrupt(L.Callback):
     A KeyboardInterrupt raised inside an MLflow or SQLite call can leave a lock held,
     and the shutdown (checkpoint artifact, run status) then waits on it forever.  While
     training runs, the first Ctrl-C only sets a flag; the interrupt is raised at the
-    next batch end (at most a few env steps later), after that batch's checkpoint and
+    next batch end (at most ``ENV_STEPS_PER_BATCH`` env steps later, plus an evaluation
+    or a world-model refit that falls in them), after that batch's checkpoint and
     logging have completed, and Lightning's handling (checkpoint, KILLED) proceeds from
     there.  A second Ctrl-C interrupts at once.
     """
@@ -136,6 +138,12 @@ class DeferredInterrupt(L.Callback):
             self._restore()
             raise KeyboardInterrupt
         self._requested = True
+        # A batch can hold an evaluation or a world-model refit: say that the stop is
+        # coming, so that the wait is not taken for a hang (and a second Ctrl-C).
+        sys.stderr.write(
+            "\nmbvi: stopping after this batch (a checkpoint, then the run ends KILLED); "
+            "Ctrl-C again to stop at once\n"
+        )
 
     def _restore(self) -> None:
         if self._previous is not None:
