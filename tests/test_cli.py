@@ -150,6 +150,8 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
             "has a Discrete action space; mbvi needs continuous Box actions",
         ),
         (["--model.bogus", "1"], "bogus"),
+        # a prefix of total_env_steps: refused, not taken for it
+        (["--model.total_env_step", "100"], "unrecognized arguments: --model.total_env_step"),
         (["--model.batch_size", "abc"], "batch_size"),
         (["--model.init_alpha", "0"], "init_alpha must be > 0"),
         (["--model.target_kl_per_dim", "-1"], "the KL target per action dimension must be > 0"),

@@ -92,5 +92,7 @@ def fit(args: list[str] | None) -> None:
             save_config_callback=MLflowSaveConfig,
             seed_everything_default=False,  # the agent seeds itself from --model.seed
             auto_configure_optimizers=False,
+            # A mistyped option is an error, never the one it happens to abbreviate.
+            parser_kwargs={"allow_abbrev": False},
             args=args,
         )

@@ -303,6 +303,7 @@ def main(argv: list[str]) -> None:
             trainer_defaults=MODEL_TRAINER_DEFAULTS,
             save_config_callback=MLflowSaveConfig,
             seed_everything_default=False,  # the data module's seed draws the weights
+            parser_kwargs={"allow_abbrev": False},  # as `mbvi fit`
             args=["fit", *argv],
         )
 
