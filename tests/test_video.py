@@ -153,7 +153,23 @@ def test_a_classic_control_video_without_pygame_names_what_to_install(workdir, c
     )
     assert code == 2
     assert "env 'Pendulum-v1' draws its frames with a package that is not installed" in stderr
-    assert "pygame" in stderr
+    assert "pygame" in stderr and "or drop --model.video_every" in stderr
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("pygame") is not None, reason="pygame renders classic control"
+)
+def test_mbvi_render_of_a_classic_control_checkpoint_without_pygame(workdir, capsys):
+    """`mbvi render` has no --model.video_every to drop: its message offers what it can."""
+    code, _, stderr = run_cli_in_process(
+        capsys, "fit", "--config", TINY, "--model.total_env_steps", "120"
+    )
+    assert code == 0, stderr
+    (ckpt,) = workdir.glob("checkpoints/*/last.ckpt")
+    code, _, stderr = run_cli_in_process(capsys, "render", "--ckpt", str(ckpt))
+    assert code == 2
+    assert "pygame" in stderr and "or render a checkpoint of another env" in stderr
+    assert "video_every" not in stderr
 
 
 def test_a_negative_video_every_is_refused(workdir, capsys):

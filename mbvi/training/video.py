@@ -98,9 +98,12 @@ def _is_mujoco(env: gym.Env) -> bool:
     return isinstance(env.unwrapped, MujocoEnv)
 
 
-def make_render_env(env_id: str, size: tuple[int, int] | None = None) -> gym.Env:
+def make_render_env(
+    env_id: str, size: tuple[int, int] | None = None, instead: str = "drop --model.video_every"
+) -> gym.Env:
     """``env_id`` made with ``render_mode="rgb_array"`` (MuJoCo envs at ``size``, width
     by height; others at their own size), reset, with one frame drawn to prove it renders.
+    ``instead``: what the caller's user can do without a video, for the error messages.
 
     Raises:
         ConfigError: the env has no ``rgb_array`` mode, or its renderer needs a package
@@ -116,7 +119,7 @@ def make_render_env(env_id: str, size: tuple[int, int] | None = None) -> gym.Env
     if "rgb_array" not in modes:
         raise ConfigError(
             f"env {env_id!r} cannot draw frames (its render modes are {list(modes)}, without "
-            "'rgb_array'), so it cannot be recorded; drop --model.video_every, or use an env "
+            f"'rgb_array'), so it cannot be recorded; {instead}, or use an env "
             "that renders rgb_array frames (every MuJoCo env does)."
         )
     if mujoco and missing is not None:
@@ -130,7 +133,7 @@ def make_render_env(env_id: str, size: tuple[int, int] | None = None) -> gym.Env
         env.close()
         raise ConfigError(
             f"env {env_id!r} draws its frames with a package that is not installed ({err}); "
-            "install it, or drop --model.video_every."
+            f"install it, or {instead}."
         ) from None
     except Exception as err:  # a GL backend fails in many ways (ImportError, GLError, ...)
         env.close()
@@ -362,7 +365,9 @@ def render_main(argv: list[str]) -> int:
     agent = agent_from_checkpoint(args.ckpt)
     env_id = agent.hparams.env_id
     try:
-        env = make_render_env(env_id, (args.width, args.height))
+        env = make_render_env(
+            env_id, (args.width, args.height), instead="render a checkpoint of another env"
+        )
     except RendererUnavailable as err:
         raise RendererUnavailable(f"cannot render env {env_id!r}: {err}") from None
     torch.manual_seed(args.seed)  # engines that sample while inferring
