@@ -91,7 +91,8 @@ def main(args: list[str] | None = None) -> None:
         cause = _mbvi_error(err)
         if cause is None:
             raise
-        print(f"mbvi: error: {cause}", file=sys.stderr)
+        notes = "".join(f" {note}" for note in getattr(cause, "__notes__", ()))
+        print(f"mbvi: error: {cause}{notes}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -168,6 +168,21 @@ def test_a_nan_in_an_evaluation_episode_is_named():
         evaluate(runner, lambda obs: np.zeros(1), episodes=1, env_step=500)
 
 
+def test_a_failure_before_any_checkpoint_says_so(workdir, monkeypatch):
+    agent = tiny_agent(checkpoint_every=1000)
+    original = agent.value.loss
+
+    def poisoned(s, a, y):
+        loss, metrics = original(s, a, y)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(agent.value, "loss", poisoned)
+    with pytest.raises(NonFiniteError) as raised:
+        fit(agent, workdir)
+    assert raised.value.__notes__ == ["This run wrote no checkpoint before it."]
+    assert not list(workdir.glob("checkpoints/*/last.ckpt"))
+
+
 def test_nan_loss_stops_naming_the_loss(workdir, monkeypatch):
     agent = tiny_agent()
     original = agent.value.loss
@@ -179,8 +194,10 @@ def test_nan_loss_stops_naming_the_loss(workdir, monkeypatch):
     monkeypatch.setattr(agent.value, "loss", poisoned)
     with pytest.raises(
         NonFiniteError, match=r"loss/value became NaN or Inf by env step 10[0-9]; training stopped"
-    ):
+    ) as raised:
         fit(agent, workdir)
+    (note,) = raised.value.__notes__  # what is left to resume from
+    assert note.startswith("The last good checkpoint (env step 100) is kept: ")
     run = only_run(workdir)
     assert run.info.status == "FAILED"
 

@@ -98,6 +98,7 @@ def test_a_non_finite_model_loss_fails_the_run_and_keeps_the_checkpoint(
     )  # fmt: skip
     assert code != 0
     assert "world model (DynamicsEnsemble)" in err and "at env step 300" in err
+    assert "The last good checkpoint (env step 200) is kept: " in err
     client, (run,) = _runs(workdir)
     assert run.info.status == "FAILED"
     ckpt = workdir / "checkpoints" / run.info.run_id / "last.ckpt"

@@ -43,7 +43,7 @@ class Acting:
             self._metrics.means(self.env_steps)  # names a loss that went non-finite
             raise NonFiniteError(
                 f"the action from the engine is NaN or Inf at env step {self.env_steps + 1}; "
-                "training stopped and the last good checkpoint is kept."
+                "training stopped."
             )
         return action
 

@@ -61,6 +61,16 @@ class EnvStepCheckpoint(L.Callback):
             self.save(trainer, agent)
 
     def on_exception(self, trainer, agent, exception: BaseException) -> None:
+        if isinstance(exception, NonFiniteError):
+            # Say what is left to resume from: the error is raised where the values are,
+            # which knows nothing of checkpoints.
+            if self.last_path is None:
+                exception.add_note("This run wrote no checkpoint before it.")
+            else:
+                exception.add_note(
+                    f"The last good checkpoint (env step {self._saved_at}) is kept: "
+                    f"{self.last_path}"
+                )
         # Ctrl-C, or SIGTERM (a scheduler ending a job), which Lightning turns into an
         # exception: both stop a healthy run, so it is resumable and marked KILLED.
         if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):

@@ -92,5 +92,5 @@ def check_finite_state(state: dict, env_steps: int) -> None:
         if torch.is_tensor(tensor) and tensor.is_floating_point() and not tensor.isfinite().all():
             raise NonFiniteError(
                 f"parameter {name} is NaN or Inf at env step {env_steps}; training "
-                "stopped and the last good checkpoint is kept. Try a lower learning rate."
+                "stopped. Try a lower learning rate."
             )

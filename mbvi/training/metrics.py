@@ -38,9 +38,8 @@ class RunningMeans:
         for name, value in zip(names, values, strict=True):
             if not math.isfinite(value):
                 raise NonFiniteError(
-                    f"{name} became NaN or Inf by env step {env_step}; training stopped "
-                    "and the last good checkpoint is kept. Try a lower learning rate or "
-                    "check the scale of the rewards."
+                    f"{name} became NaN or Inf by env step {env_step}; training stopped. "
+                    "Try a lower learning rate or check the scale of the rewards."
                 )
         return dict(zip(names, values, strict=True))
 

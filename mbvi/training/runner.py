@@ -84,8 +84,8 @@ def check_finite(env_id: str, obs: np.ndarray, reward: float, where: str) -> Non
         return
     quantity = "reward" if not np.isfinite(reward) else "observation"
     raise NonFiniteError(
-        f"the {quantity} from env {env_id!r} is NaN or Inf {where}; training stopped (the "
-        "last good checkpoint is kept). Check the env and the actions it receives."
+        f"the {quantity} from env {env_id!r} is NaN or Inf {where}; training stopped. "
+        "Check the env and the actions it receives."
     )
 
 

@@ -49,8 +49,8 @@ class WorldFit:
         if bad:
             raise NonFiniteError(
                 f"the world model ({type(model).__name__}) of {type(value).__name__} "
-                f"has a non-finite {bad[0]} at env step {env_step}; training stopped "
-                "and the last good checkpoint is kept. Try a lower model_lr."
+                f"has a non-finite {bad[0]} at env step {env_step}; training stopped. "
+                "Try a lower model_lr."
             )
         errors = open_loop_errors(model, replay, MODEL_ERROR_HORIZONS)
         if errors:
