@@ -145,3 +145,18 @@ def test_speed_after_warmup_is_total_steps_over_total_time():
         [(50, 1000.0), (100, 1000.0), (150, 50.0), (200, 25.0)], 100
     ) == pytest.approx(1 / ((1 / 50 + 1 / 25) / 2))
     assert speed_after_warmup([(50, 10.0)], 100) == 10.0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "-3"], "--steps must be >= 1, got -3"),
+        (["--configs", "/nowhere"], "--configs '/nowhere' is not a folder"),
+    ],
+)
+def test_bad_options_are_refused_before_any_run_starts(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        table_mod.main(["--env", "Pendulum-v1", "--output", str(tmp_path), *args])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

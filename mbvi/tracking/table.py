@@ -294,6 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if not args.configs.is_dir():
+        parser.error(
+            f"--configs {str(args.configs)!r} is not a folder; pass the folder of per-env "
+            "config folders (the repository's configs/, e.g. configs/pendulum/tiny.yaml)"
+        )
     try:
         return table(args.env, args.preset, args.steps, args.seeds, args.jobs, args.experiment,
                      args.tracking_uri, args.output, args.render_only, args.configs)  # fmt: skip
