@@ -30,6 +30,7 @@ from mbvi.pyro.model import OptimalityModel, optimality_model
 from mbvi.pyro.native import compiled_objective, native_objective
 from mbvi.pyro.prior import ProgramPrior
 from mbvi.pyro.sites import ACTION, ClosedUniform, tanh_normal
+from mbvi.pyro.world import world_model_programs
 from mbvi.variational.particles import WeightedParticles
 
 __all__ = [
@@ -44,4 +45,5 @@ __all__ = [
     "native_objective",
     "optimality_model",
     "tanh_normal",
+    "world_model_programs",
 ]

@@ -48,8 +48,9 @@ class MLflowTracker(MLFlowLogger):
 
     Args:
         experiment_name: MLflow experiment that groups comparable runs.
-        run_name: name of the run; None names it ``<engine>-<prior>-seed<seed>`` (e.g.
-            ``Direct-Uniform-seed0``) when trained through ``mbvi fit``.
+        run_name: name of the run; None names it ``<engine>-<prior>[-H<horizon>]-seed<seed>``
+            (e.g. ``Direct-Uniform-seed0``, ``Direct-Uniform-H3-seed0`` for a model-based
+            value) when trained through ``mbvi fit``.
         tracking_uri: store URI; None reads MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.
         tags: extra run tags, added to those of the MBVI_RUN_TAGS environment variable
             (a JSON object).

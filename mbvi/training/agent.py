@@ -120,8 +120,9 @@ class VariationalAgent(Acting, L.LightningModule):
             (``GradientRefinement``; ``Iterative`` at the paper's sample count) break
             into many graphs that can take minutes to compile.
         video_every: env steps between evaluation videos: one mean-action episode
-            rendered offscreen and logged as the MP4 artifact ``videos/step_<env
-            step>.mp4`` (docs/videos.md); 0 (default) records none.
+            rendered offscreen and logged as the MP4 artifact
+            ``videos/step_<env step, 8 digits>.mp4`` (docs/videos.md); 0 (default)
+            records none.
     """
 
     def __init__(
