@@ -84,18 +84,34 @@ def test_module_level_gait_prior_matches_two_gait_prior():
 GAIT_LOCS = torch.tensor([[0.9, -0.4], [-0.7, 0.2], [0.1, 1.1]])
 
 
-def two_latents(s):
+def two_latents(s, infer=None):
     """gait ∈ {0,1,2} with p = (0.2, 0.5, 0.3), flip ∈ {0,1} with p(1) = 0.3:
-    a = tanh(N(±locs[gait], 0.4²)), the sign set by flip."""
-    gait = pyro.sample("gait", dist.Categorical(probs=torch.tensor([0.2, 0.5, 0.3])))
-    flip = pyro.sample("flip", dist.Bernoulli(0.3))
+    a = tanh(N(±locs[gait], 0.4²)), the sign set by flip; ``infer`` is the sites' own
+    Pyro annotation, as a user may write it."""
+    gait = pyro.sample(
+        "gait", dist.Categorical(probs=torch.tensor([0.2, 0.5, 0.3])), infer=infer or {}
+    )
+    flip = pyro.sample("flip", dist.Bernoulli(0.3), infer=infer or {})
     loc = GAIT_LOCS[gait] * (2.0 * flip - 1.0).unsqueeze(-1)
     base = dist.Normal(loc, 0.4).to_event(1)
     return pyro.sample("a", dist.TransformedDistribution(base, [TanhTransform(cache_size=1)]))
 
 
-def test_two_discrete_latents_are_summed_jointly():
-    prior = _built(f"{HERE}.two_latents", 2)
+def sequential_latents(s):
+    return two_latents(s, {"enumerate": "sequential"})
+
+
+def unannotated_off_latents(s):
+    return two_latents(s, {"enumerate": None})
+
+
+@pytest.mark.parametrize(
+    "program", ["two_latents", "sequential_latents", "unannotated_off_latents"]
+)
+def test_two_discrete_latents_are_summed_jointly(program):
+    """Also when the program marks its sites for another enumeration strategy (or none):
+    mbvi sums them out in parallel all the same, never one sampled value."""
+    prior = _built(f"{HERE}.{program}", 2)
     assert set(prior.latents.enumerated) == {"gait", "flip"}
     a = _actions(B, N, 2)
     locs = torch.cat([-GAIT_LOCS, GAIT_LOCS])  # flip = 0, then flip = 1

@@ -8,7 +8,8 @@ then the action given the gait), so the prior's density is the marginal
 
 * **Discrete latents** whose distribution can list its support (``Categorical``,
   ``Bernoulli``, ...) are summed out exactly by Pyro's parallel enumeration
-  (``config_enumerate`` + ``poutine.enum``): each takes all its values at once along a
+  (``poutine.enum``, set to ``parallel`` on these sites whatever their own ``infer``
+  says): each takes all its values at once along a
   dimension left of the plates, and a log-sum-exp over those dimensions leaves
   log p(a|s).  The cost grows as the product of the latents' support sizes.
 * **Continuous latents** are drawn K times from the program itself (the prior is the
@@ -38,7 +39,6 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution
-from pyro.infer import config_enumerate
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints
@@ -128,7 +128,14 @@ def marginal_log_prob(
 
     if latents.enumerated:
         first_free = -4 if latents.sampled else -3
-        model = poutine.enum(config_enumerate(model, "parallel"), first_available_dim=first_free)
+        # Parallel enumeration of exactly these sites, whatever the program's own infer
+        # says: config_enumerate keeps a site's "sequential" or None, and such a site
+        # would be sampled once, adding one value's log-prob instead of the sum.
+        names = set(latents.enumerated)
+        model = poutine.infer_config(
+            model, lambda msg: {"enumerate": "parallel"} if msg["name"] in names else {}
+        )
+        model = poutine.enum(model, first_available_dim=first_free)
     trace = poutine.trace(model).get_trace(s)
     site = trace.nodes[ACTION]
     total = site["fn"].log_prob(site["value"])

@@ -60,7 +60,8 @@ class ClosedUniform(dist.Uniform):
 
 
 def tanh_normal(loc: torch.Tensor, log_scale: torch.Tensor) -> dist.TransformedDistribution:
-    """a = tanh(u), u ~ N(loc, exp(log_scale)^2) as a Pyro distribution (Eq. 13-14);
+    """a = tanh(u), u ~ N(loc, exp(log_scale)^2) as a Pyro distribution (Eq. 13-14): the
+    second argument is the log of the scale, as an engine's posterior carries it;
     ``cache_size=1`` lets log_prob reuse u for the site's own sample instead of atanh(a)."""
     base = dist.Normal(loc, log_scale.exp()).to_event(1)
     return dist.TransformedDistribution(base, [TanhTransform(cache_size=1)])
