@@ -271,6 +271,18 @@ def test_bad_programs_are_refused_with_what_to_do(program, reward, match):
         ProgramDynamics(program, reward=reward).build(3, 1)
 
 
+def _records_a_value(s, a):
+    pyro.deterministic("speed", s.norm(dim=-1))  # kept in a trace, not a latent
+    return pyro.sample("s_next", dist.Normal(s, 0.1).to_event(1))
+
+
+def test_a_recorded_value_is_no_latent_site():
+    model = ProgramDynamics(_records_a_value, reward=pendulum_reward)
+    model.build(3, 1)
+    step = model.step(torch.randn(5, 3), torch.rand(5, 1) * 2 - 1)
+    assert step.next_state.shape == (5, 3)
+
+
 def test_wrong_sizes_and_unknown_termination_are_refused():
     with pytest.raises(ConfigError, match=r"factory .*obs_dim=4, act_dim=1.*obs_dim 3"):
         ProgramDynamics(PendulumPhysics, reward=pendulum_reward, factory=True).build(4, 1)

@@ -69,6 +69,8 @@ class _Site(Messenger):
         self.others: list[str] = []
 
     def _pyro_sample(self, msg) -> None:
+        if msg["infer"].get("_deterministic", False):
+            return  # pyro.deterministic records a value: not random, nothing to fit
         if msg["name"] != self.name:
             self.others.append(msg["name"])
             return
