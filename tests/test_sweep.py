@@ -253,3 +253,38 @@ def test_run_tags_from_the_environment_join_the_options_and_bad_json_is_named(wo
     monkeypatch.setenv(TAGS_ENV, "trial=abc")
     with pytest.raises(TrackingError, match="MBVI_RUN_TAGS must be a JSON object of run tags"):
         MLflowTracker(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+
+
+def test_configs_that_share_a_file_name_get_trials_of_their_own_names():
+    trials = make_trials(["configs/pendulum/sac.yaml", "configs/halfcheetah/sac.yaml",
+                          "configs/pendulum/tiny.yaml"], [], [0])  # fmt: skip
+    assert [t.name for t in trials] == ["pendulum/sac-seed0", "halfcheetah/sac-seed0", "tiny-seed0"]
+
+
+@pytest.mark.slow  # a sweep stopped once its trial has written a checkpoint: about a minute
+def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path):
+    """A scheduler's SIGTERM to the sweep: the trial ends KILLED (never left RUNNING), the
+    tracking server is stopped, and the status says how the sweep ended."""
+    proc = subprocess.Popen(
+        [MBVI, "sweep", "--config", TINY, "--seeds", "0", "--experiment", "term",
+         "--grid", "model.total_env_steps=1000000", "--grid", "model.buffer_size=5000",
+         "--refresh_s", "2"],
+        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and not list(tmp_path.glob("checkpoints/*/last.ckpt")):
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, out[-3000:]
+    assert "interrupted by SIGTERM" in out
+    port = int(out.split("MLflow server http://127.0.0.1:")[1].split()[0].rstrip(","))
+    with pytest.raises(OSError):  # the sweep's server is gone
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("term")
+    (run,) = [r for r in client.search_runs([exp.experiment_id]) if TRIAL_TAG in r.data.tags]
+    assert run.info.status == "KILLED"

@@ -33,6 +33,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,12 +56,16 @@ class Trial:
     config: str
     overrides: tuple[str, ...]
     seed: int
+    label: str = ""
+    """What the name calls the config: its file name without suffix, or more of its path
+    where two configs share one (``make_trials``)."""
 
     @property
     def name(self) -> str:
         pairs = (o.lstrip("-").partition("=") for o in self.overrides)
         grid = ",".join(f"{key.split('.')[-1]}={value}" for key, _, value in pairs)
-        return f"{Path(self.config).stem}{f'[{grid}]' if grid else ''}-seed{self.seed}"
+        label = self.label or Path(self.config).stem
+        return f"{label}{f'[{grid}]' if grid else ''}-seed{self.seed}"
 
     def argv(self, experiment: str | None = None) -> list[str]:
         """``mbvi`` arguments of the trial, in ``experiment`` when given."""
@@ -118,7 +123,25 @@ def make_trials(configs: Sequence[str], grid, seeds: Sequence[int]) -> list[Tria
     """Every config × grid point × seed, seeds innermost."""
     points = itertools.product(*([f"--{key}={v}" for v in values] for key, values in grid))
     points = list(points)
-    return [Trial(c, tuple(p), s) for c in configs for p in points for s in seeds]
+    labels = config_labels(configs)
+    return [Trial(c, tuple(p), s, labels[c]) for c in configs for p in points for s in seeds]
+
+
+def config_labels(configs: Sequence[str]) -> dict[str, str]:
+    """{config: its label in trial names}: the file name without suffix, prefixed with
+    as many parent folders as it takes to tell configs of one file name apart
+    (``pendulum/sac`` and ``halfcheetah/sac``), so that no two trials share a run name
+    or a log file."""
+    labels = {}
+    for config in configs:
+        parts = Path(config).with_suffix("").parts
+        for depth in range(1, len(parts) + 1):
+            label = "/".join(parts[-depth:])
+            others = [Path(c).with_suffix("").parts for c in configs if c != config]
+            if all("/".join(o[-depth:]) != label for o in others):
+                break
+        labels[config] = label
+    return labels
 
 
 def resolve(trial: Trial) -> dict:
@@ -209,6 +232,7 @@ def _run(ray, trials, keys, experiment, uri, slots, log_dir, args) -> int:
     from mbvi.tracking import sweep_services as services
     from mbvi.tracking.sweep_table import finished_keys, follow
 
+    _stop_like_ctrl_c(signal.SIGTERM, signal.SIGHUP)  # after ray.init, which sets its own
     client = MlflowClient(uri)
     done = finished_keys(client, experiment)
     todo = [(t, k) for t, k in zip(trials, keys) if k not in done]
@@ -240,6 +264,25 @@ def _run(ray, trials, keys, experiment, uri, slots, log_dir, args) -> int:
     finally:
         ray.shutdown()  # before the server stops: no trial outlives it
     return _compare(experiment, uri, args.output, 1 if failed else 0)
+
+
+_STOPPED_BY: list[int] = []
+"""The signals other than Ctrl-C that stopped this sweep (``_stop_like_ctrl_c``)."""
+
+
+def _stop_like_ctrl_c(*signums: int) -> None:
+    """SIGTERM (a scheduler) and SIGHUP (a closed terminal) stop the sweep as Ctrl-C
+    does: trials cancelled and their runs ended, Ray and the tracking server stopped.
+    Left to their defaults (Ray's SIGTERM handler exits at once), they leave runs
+    RUNNING and the server, in a session of its own, running.  The signal is noted
+    aside: a KeyboardInterrupt raised inside a Ray call comes out as Ray's own."""
+
+    def stop(signum, frame):
+        _STOPPED_BY.append(signum)
+        raise KeyboardInterrupt
+
+    for signum in signums:
+        signal.signal(signum, stop)
 
 
 def _compare(experiment: str, uri: str, output: str, status: int) -> int:
@@ -326,8 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mbvi: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("mbvi sweep: interrupted; running trials were stopped (KILLED)", file=sys.stderr)
-        return 130
+        signum = _STOPPED_BY[0] if _STOPPED_BY else signal.SIGINT
+        by = f" by {signal.Signals(signum).name}" if _STOPPED_BY else ""
+        print(f"mbvi sweep: interrupted{by}; running trials were stopped (KILLED)", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ already FINISHED, and the live table of each trial's state, env step and last re
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -38,7 +39,10 @@ def follow(ray, client, experiment, names, done, refs, refresh_s) -> list[str]:
     """Wait for the trial tasks ``refs`` ({key: Ray ref}), printing the table of every
     trial in ``names`` ({key: name}; ``done``: {key: run id} of those skipped) every
     ``refresh_s`` and once at the end; returns the names of the trials that failed.
-    Ctrl-C cancels the trials (each ends KILLED) and re-raises."""
+    A trial whose process died without ending its run (killed, out of memory) has that
+    run marked FAILED.  Ctrl-C cancels the trials (each ends KILLED; a further Ctrl-C
+    is ignored while they end, and a run that has not ended within 40 s is marked
+    KILLED here) and re-raises."""
     since_ms = int(time.time() * 1e3) - _MARGIN_MS
     pending = dict(refs)
     exits: dict[str, tuple[int, str]] = {}
@@ -53,19 +57,40 @@ def follow(ray, client, experiment, names, done, refs, refresh_s) -> list[str]:
                 if code:
                     last = tail.splitlines()[-1] if tail else ""
                     print(f"mbvi sweep: {names[key]} FAILED (exit {code}): {last}", flush=True)
+                    _end_unfinished(client, experiment, [key], since_ms, "FAILED")
             if time.monotonic() - printed >= refresh_s and pending:
                 _print(client, experiment, names, done, exits, steps, since_ms)
                 printed = time.monotonic()
     except KeyboardInterrupt:
-        for ref in pending.values():
-            ray.cancel(ref)  # the task interrupts its trial: the run ends KILLED
-        ray.wait(list(pending.values()), num_returns=len(pending), timeout=40)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the trials end
+        try:
+            for ref in pending.values():
+                ray.cancel(ref)  # the task interrupts its trial: the run ends KILLED
+            ray.wait(list(pending.values()), num_returns=len(pending), timeout=40)
+            _end_unfinished(client, experiment, list(pending), since_ms, "KILLED")
+        finally:
+            signal.signal(signal.SIGINT, previous)
         raise
     _print(client, experiment, names, done, exits, steps, since_ms)
     for key, (code, tail) in exits.items():
         if code:
             print(f"\nmbvi sweep: {names[key]} failed with exit {code}; its output ends:\n{tail}")
     return [names[k] for k, (code, _) in exits.items() if code]
+
+
+def _end_unfinished(client, experiment, keys, since_ms, status: str) -> None:
+    """Mark this sweep's runs of the trials ``keys`` that are still RUNNING as
+    ``status``: their process is gone, so nothing else will end them."""
+    try:
+        exp = client.get_experiment_by_name(experiment)
+        runs = (
+            client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'") if exp else []
+        )
+        for run in runs:
+            if run.data.tags.get(TRIAL_TAG) in keys and run.info.start_time >= since_ms:
+                client.set_terminated(run.info.run_id, status)
+    except Exception as err:  # the server is going away: say so, do not mask the stop
+        print(f"mbvi sweep: could not mark unfinished runs {status} ({err})", file=sys.stderr)
 
 
 def _outcome(ray, ref) -> tuple[int, str]:
