@@ -208,6 +208,26 @@ def test_more_threads_per_trial_than_cores_is_refused(workdir, capsys):
     assert "--threads_per_trial 3: pass 1 to 2" in err
 
 
+def test_a_cpu_count_below_one_is_refused(workdir, capsys):
+    assert "--num_cpus must be >= 1 (leave it out for all cores), got 0" in refused(
+        capsys, workdir, "--num_cpus", "0"
+    )
+
+
+def test_a_deleted_experiment_is_named_with_how_to_restore_it(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client.delete_experiment(client.create_experiment("gone"))
+    done = subprocess.run(
+        [MBVI, "sweep", "--config", TINY, "--seeds", "0", "--experiment", "gone"],
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (
+        "experiment 'gone' was deleted" in done.stderr
+        and "mlflow experiments restore" in done.stderr
+    )
+
+
 def test_missing_ray_names_the_extra(workdir, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     err = refused(capsys, workdir)

@@ -194,6 +194,10 @@ def sweep(args: argparse.Namespace) -> int:
     from mbvi.tracking import sweep_services as services
 
     ray = services.import_ray()
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise ConfigError(
+            f"--num_cpus must be >= 1 (leave it out for all cores), got {args.num_cpus}"
+        )
     cores = args.num_cpus or os.cpu_count() or 1
     if args.threads_per_trial < 1 or (args.address is None and args.threads_per_trial > cores):
         raise ConfigError(
@@ -242,7 +246,14 @@ def _run(ray, trials, keys, experiment, uri, slots, log_dir, args) -> int:
     if not todo:
         print(f"mbvi sweep: all {len(trials)} trials already FINISHED in {experiment!r}")
         return _compare(experiment, uri, args.output, 0)
-    if client.get_experiment_by_name(experiment) is None:
+    found = client.get_experiment_by_name(experiment)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise ConfigError(
+            f"experiment {experiment!r} was deleted (it is in the store's trash); restore "
+            f"it (`mlflow experiments restore --experiment-id {found.experiment_id}`), or "
+            "pass another --experiment"
+        )
+    if found is None:
         # Trials started together would race to create it, and all but one would fail.
         client.create_experiment(experiment)
     print(f"mbvi sweep: {len(todo)} of {len(trials)} trials to run in experiment "
