@@ -230,13 +230,22 @@ def sweep(args: argparse.Namespace) -> int:
 
 
 def _run(ray, trials, keys, experiment, uri, slots, log_dir, args) -> int:
-    """Launch the trials that have no FINISHED run, follow them, then compare."""
+    """Launch the trials that have no FINISHED run, follow them, then compare; SIGTERM
+    and SIGHUP stop it as Ctrl-C does meanwhile (set after ray.init, which sets its own)."""
+    previous = _stop_like_ctrl_c(signal.SIGTERM, signal.SIGHUP)
+    try:
+        return _run_trials(ray, trials, keys, experiment, uri, slots, log_dir, args)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run_trials(ray, trials, keys, experiment, uri, slots, log_dir, args) -> int:
     from mlflow import MlflowClient
 
     from mbvi.tracking import sweep_services as services
     from mbvi.tracking.sweep_table import finished_keys, follow
 
-    _stop_like_ctrl_c(signal.SIGTERM, signal.SIGHUP)  # after ray.init, which sets its own
     client = MlflowClient(uri)
     done = finished_keys(client, experiment)
     todo = [(t, k) for t, k in zip(trials, keys) if k not in done]
@@ -281,19 +290,19 @@ _STOPPED_BY: list[int] = []
 """The signals other than Ctrl-C that stopped this sweep (``_stop_like_ctrl_c``)."""
 
 
-def _stop_like_ctrl_c(*signums: int) -> None:
+def _stop_like_ctrl_c(*signums: int) -> dict:
     """SIGTERM (a scheduler) and SIGHUP (a closed terminal) stop the sweep as Ctrl-C
     does: trials cancelled and their runs ended, Ray and the tracking server stopped.
     Left to their defaults (Ray's SIGTERM handler exits at once), they leave runs
     RUNNING and the server, in a session of its own, running.  The signal is noted
-    aside: a KeyboardInterrupt raised inside a Ray call comes out as Ray's own."""
+    aside: a KeyboardInterrupt raised inside a Ray call comes out as Ray's own.  Returns
+    the handlers it replaced, by signal."""
 
     def stop(signum, frame):
         _STOPPED_BY.append(signum)
         raise KeyboardInterrupt
 
-    for signum in signums:
-        signal.signal(signum, stop)
+    return {signum: signal.signal(signum, stop) for signum in signums}
 
 
 def _compare(experiment: str, uri: str, output: str, status: int) -> int:
