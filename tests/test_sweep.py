@@ -185,6 +185,45 @@ def test_a_ray_address_that_does_not_answer_is_named(workdir, capsys):
     assert time.monotonic() - start < 30
 
 
+def test_a_port_that_answers_in_another_protocol_is_no_ray_cluster(workdir, capsys):
+    """A web server (say) on the port: ray.init would hang there, so it is refused."""
+    import http.server
+    import threading
+
+    web = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{web.server_address[1]}"
+        err = refused(capsys, workdir, "--address", address)
+    finally:
+        web.shutdown()
+    assert f"{address} answers, but not as a Ray cluster" in err
+
+
+def test_a_port_that_speaks_http2_passes_the_address_check():
+    """A Ray head's GCS is a gRPC server: it answers HTTP/2's client preface with a
+    SETTINGS frame (checked by hand against `ray start --head`, 2026-12-04).  A socket
+    that answers the same way stands in for it here, without starting or stopping a
+    cluster on the machine."""
+    import threading
+
+    from mbvi.tracking.sweep_services import check_address
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(64)
+            conn.sendall(bytes([0, 0, 0, 0x04, 0, 0, 0, 0, 0]))  # an empty SETTINGS frame
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        check_address(f"127.0.0.1:{listener.getsockname()[1]}")  # SweepError if refused
+    finally:
+        listener.close()
+
+
 def test_address_auto_names_the_address_it_found(workdir, capsys, monkeypatch):
     address = f"127.0.0.1:{free_port()}"
     monkeypatch.setenv("RAY_ADDRESS", address)

@@ -48,7 +48,9 @@ def import_ray():
 
 def check_address(address: str) -> None:
     """Raise ``SweepError`` naming ``address`` unless a Ray cluster answers there within
-    ``CONNECT_TIMEOUT_S`` (``ray.init`` itself would retry for minutes)."""
+    ``CONNECT_TIMEOUT_S`` (``ray.init`` itself would retry for minutes): the port must
+    accept a connection and speak gRPC, as a Ray head's GCS (and a Ray client server)
+    does, since ``ray.init`` hangs on a port that answers in another protocol."""
     target = address
     if address == "auto":
         target = _auto_address()
@@ -64,15 +66,38 @@ def check_address(address: str) -> None:
             f"--address {address!r}: expected auto, HOST:PORT (the head's GCS address, e.g. "
             "10.0.0.5:6379) or ray://HOST:PORT."
         )
+    where = address if target == address else f"{address} ({target})"
     try:
-        socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT_S).close()
+        grpc = _speaks_http2(host.strip("[]"), int(port))
     except OSError as err:
-        where = address if target == address else f"{address} ({target})"
         raise SweepError(
             f"the Ray cluster at {where} does not answer ({err}; waited "
             f"{CONNECT_TIMEOUT_S:.0f} s): start it with `ray start --head` on the head node, fix "
             "--address, or drop --address to run on this machine."
         ) from None
+    if not grpc:
+        raise SweepError(
+            f"{where} answers, but not as a Ray cluster (it does not speak gRPC, as a Ray "
+            "head does): pass the head's GCS address (`ray start --head` prints it, port "
+            "6379 by default), or drop --address to run on this machine."
+        )
+
+
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(
+    [0, 0, 0, 0x04, 0, 0, 0, 0, 0]  # an empty SETTINGS frame
+)
+
+
+def _speaks_http2(host: str, port: int) -> bool:
+    """Whether ``host:port`` answers an HTTP/2 client preface (gRPC's transport) with a
+    SETTINGS frame; OSError when it does not accept a connection or says nothing."""
+    with socket.create_connection((host, port), CONNECT_TIMEOUT_S) as conn:
+        conn.settimeout(CONNECT_TIMEOUT_S)
+        conn.sendall(_HTTP2_PREFACE)
+        head = b""
+        while len(head) < 9 and (chunk := conn.recv(9 - len(head))):
+            head += chunk
+    return len(head) == 9 and head[3] == 0x04  # the frame type of SETTINGS
 
 
 def _auto_address() -> str | None:
