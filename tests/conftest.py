@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -141,3 +142,21 @@ def run_cli_in_process(capsys, *argv: str) -> tuple[int, str, str]:
         sys.argv = argv_before
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def stop_once_checkpointed(argv, cwd: Path, checkpoints: str, sig, wait_s: float = 120):
+    """``mbvi *argv`` in ``cwd``, sent ``sig`` once a file matching ``checkpoints`` (a
+    glob under ``cwd``) exists -> (exit status, its output).  The file system is
+    watched, not the store: opening the store while the run creates its tables races
+    the run's own migration and can leave the store locked."""
+    proc = subprocess.Popen([MBVI, *argv], cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.time() + wait_s
+    try:
+        while time.time() < deadline and not list(cwd.glob(checkpoints)):
+            time.sleep(0.5)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, out

@@ -8,14 +8,13 @@ subprocess; checks that fail before training call the same entry point,
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from mbvi import VariationalAgent
-from tests.conftest import CONFIGS, MBVI, cli_env, run_cli_in_process
+from tests.conftest import CONFIGS, MBVI, cli_env, run_cli_in_process, stop_once_checkpointed
 
 TINY = str(CONFIGS / "pendulum" / "tiny.yaml")
 
@@ -229,38 +228,13 @@ def test_checkpoint_of_another_engine_is_rejected(trained, workdir, capsys):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_writes_a_checkpoint_and_marks_the_run_killed(workdir, sig):
     """Ctrl-C, or SIGTERM from a job scheduler, with the progress bar on (the default)."""
-    proc = subprocess.Popen(
-        [
-            MBVI,
-            "fit",
-            "--config",
-            TINY,
-            "--model.total_env_steps",
-            "1000000",
-            "--model.buffer_size",
-            "5000",
-            "--model.progress_refresh_s",
-            "0.5",
-        ],
-        cwd=workdir,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.time() + 120
-    try:
-        # Wait for the first periodic checkpoint (training is under way) by watching the
-        # file system: opening the store here while the run creates its tables races
-        # the run's own migration and can leave the store locked.
-        while time.time() < deadline and not list(workdir.glob("checkpoints/*/last.ckpt")):
-            time.sleep(0.5)
-        proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    code, out = stop_once_checkpointed(
+        ["fit", "--config", TINY, "--model.total_env_steps", "1000000",
+         "--model.buffer_size", "5000", "--model.progress_refresh_s", "0.5"],
+        workdir, "checkpoints/*/last.ckpt", sig,
+    )  # fmt: skip
     # A stopped run is no success: 1 after Ctrl-C, 143 (128 + SIGTERM) after SIGTERM.
-    assert proc.returncode == (1 if sig == signal.SIGINT else 143), out[-2000:]
+    assert code == (1 if sig == signal.SIGINT else 143), out[-2000:]
     _, found = runs(workdir)
     assert found[0].info.status == "KILLED", out[-2000:]
     ckpt = workdir / "checkpoints" / found[0].info.run_id / "last.ckpt"

@@ -8,7 +8,6 @@ before training call the same entry point, ``mbvi.cli.main``, in this process.
 import signal
 import subprocess
 import sys
-import time
 
 import gymnasium as gym
 import numpy as np
@@ -25,7 +24,7 @@ from mbvi.training.transitions import (
     TransitionsError,
     load_transitions,
 )
-from tests.conftest import CONFIGS, MBVI, cli_env, run_cli_in_process
+from tests.conftest import CONFIGS, MBVI, cli_env, run_cli_in_process, stop_once_checkpointed
 
 PENDULUM = str(CONFIGS / "models" / "pendulum.yaml")
 HALFCHEETAH = str(CONFIGS / "models" / "halfcheetah.yaml")
@@ -373,21 +372,13 @@ def test_a_stopped_fit_keeps_its_checkpoints_and_ends_killed(tmp_path, sig):
     checkpoints so far are uploaded, and the exit status says it was stopped."""
     np.savez(tmp_path / "pendulum.npz", **random_transitions("Pendulum-v1", 600))
     (tmp_path / "tiny.yaml").write_text(TINY)
-    proc = subprocess.Popen(
-        [MBVI, "fit-model", "--config", PENDULUM, "--config", "tiny.yaml",
+    code, out = stop_once_checkpointed(
+        ["fit-model", "--config", PENDULUM, "--config", "tiny.yaml",
          "--data.path", "pendulum.npz", "--model.max_epochs", "100000",
          "--model.patience", "100000"],
-        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        tmp_path, "checkpoints/models/*/last.ckpt", sig,
     )  # fmt: skip
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and not list(tmp_path.glob("checkpoints/models/*/last.ckpt")):
-            time.sleep(0.5)
-        proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == (1 if sig == signal.SIGINT else 143), out[-2000:]
+    assert code == (1 if sig == signal.SIGINT else 143), out[-2000:]
     client, run = only_run(tmp_path)
     assert run.info.status == "KILLED", out[-2000:]
     uploaded = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}

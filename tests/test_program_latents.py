@@ -86,18 +86,16 @@ GAIT_LOCS = torch.tensor([[0.9, -0.4], [-0.7, 0.2], [0.1, 1.1]])
 
 def two_latents(s, infer=None):
     """gait ∈ {0,1,2} with p = (0.2, 0.5, 0.3), flip ∈ {0,1} with p(1) = 0.3:
-    a = tanh(N(±locs[gait], 0.4²)), the sign set by flip; ``infer`` is the sites' own
-    Pyro annotation, as a user may write it."""
-    gait = pyro.sample(
-        "gait", dist.Categorical(probs=torch.tensor([0.2, 0.5, 0.3])), infer=infer or {}
-    )
-    flip = pyro.sample("flip", dist.Bernoulli(0.3), infer=infer or {})
+    a = tanh(N(±locs[gait], 0.4²)), the sign set by flip; ``infer``: the sites' own."""
+    infer = infer or {}
+    gait = pyro.sample("gait", dist.Categorical(probs=torch.tensor([0.2, 0.5, 0.3])), infer=infer)
+    flip = pyro.sample("flip", dist.Bernoulli(0.3), infer=infer)
     loc = GAIT_LOCS[gait] * (2.0 * flip - 1.0).unsqueeze(-1)
     base = dist.Normal(loc, 0.4).to_event(1)
     return pyro.sample("a", dist.TransformedDistribution(base, [TanhTransform(cache_size=1)]))
 
 
-def sequential_latents(s):
+def sequential_latents(s):  # the sites marked for another strategy, or for none
     return two_latents(s, {"enumerate": "sequential"})
 
 

@@ -23,7 +23,7 @@ from mbvi.tracking.sweep import (
     resolve,
     trial_key,
 )
-from tests.conftest import CONFIGS, MBVI, cli_env, run_cli_in_process
+from tests.conftest import CONFIGS, MBVI, cli_env, run_cli_in_process, stop_once_checkpointed
 
 TINY = str(CONFIGS / "pendulum" / "tiny.yaml")
 # Two trials of 150 env steps: the grid point and two seeds.
@@ -324,21 +324,13 @@ def test_configs_that_share_a_file_name_get_trials_of_their_own_names():
 def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path):
     """A scheduler's SIGTERM to the sweep: the trial ends KILLED (never left RUNNING), the
     tracking server is stopped, and the status says how the sweep ended."""
-    proc = subprocess.Popen(
-        [MBVI, "sweep", "--config", TINY, "--seeds", "0", "--experiment", "term",
+    code, out = stop_once_checkpointed(
+        ["sweep", "--config", TINY, "--seeds", "0", "--experiment", "term",
          "--grid", "model.total_env_steps=1000000", "--grid", "model.buffer_size=5000",
          "--refresh_s", "2"],
-        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        tmp_path, "checkpoints/*/last.ckpt", signal.SIGTERM, wait_s=240,
     )  # fmt: skip
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and not list(tmp_path.glob("checkpoints/*/last.ckpt")):
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143, out[-3000:]
+    assert code == 143, out[-3000:]
     assert "interrupted by SIGTERM" in out
     port = int(out.split("MLflow server http://127.0.0.1:")[1].split()[0].rstrip(","))
     with pytest.raises(OSError):  # the sweep's server is gone

@@ -132,15 +132,15 @@ def config_labels(configs: Sequence[str]) -> dict[str, str]:
     as many parent folders as it takes to tell configs of one file name apart
     (``pendulum/sac`` and ``halfcheetah/sac``), so that no two trials share a run name
     or a log file."""
+    parts = {c: Path(c).with_suffix("").parts for c in configs}
     labels = {}
-    for config in configs:
-        parts = Path(config).with_suffix("").parts
-        for depth in range(1, len(parts) + 1):
-            label = "/".join(parts[-depth:])
-            others = [Path(c).with_suffix("").parts for c in configs if c != config]
-            if all("/".join(o[-depth:]) != label for o in others):
-                break
-        labels[config] = label
+    for config, mine in parts.items():
+        depth = 1
+        while depth < len(mine) and any(
+            p[-depth:] == mine[-depth:] for c, p in parts.items() if c != config
+        ):
+            depth += 1
+        labels[config] = "/".join(mine[-depth:])
     return labels
 
 
